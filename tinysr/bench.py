@@ -1,0 +1,153 @@
+"""TSD-SR vs TinySR at paper size with random weights: parameters, MACs, per-stage latency.
+
+Weights do not change cost, so nothing is downloaded. Stages are timed on the model path only
+(encode, transformer, decode of the bicubic-upscaled image); each reported latency is the median
+of `repeats` runs after one warm-up, and every ratio comes from the same run.
+"""
+
+import platform
+import statistics
+import time
+
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from .device import dtype_name, half_dtype, parse_dtype, pick_device, synchronize
+from .models import TinyAutoencoder, TinySRTransformer
+from .pipelines import TinySRPipeline, TSDSRPipeline
+from .pipelines.base import vae_decode, vae_encode
+
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_MEDIUM_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16, norm_num_groups=32,
+    sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+)
+PROMPT_TOKENS = 333
+TINY_TRANSFORMER = dict(sample_size=32, num_attention_heads=2, attention_head_dim=16, pos_embed_max_size=64)
+
+
+def build_pipelines(scale: str, device) -> dict:
+    """Random-weight TSD-SR and TinySR of the paper's architectures (or tiny ones for a smoke test)."""
+    if scale == "paper":
+        sd3 = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
+        vae = AutoencoderKL(**SD3_MEDIUM_VAE)
+        student, tiny_vae = TinySRTransformer(), TinyAutoencoder()
+    else:
+        small = dict(TINY_TRANSFORMER, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32)
+        sd3 = SD3Transformer2DModel(**small, num_layers=4)
+        vae = AutoencoderKL(**dict(SD3_MEDIUM_VAE, block_out_channels=[8, 8, 16, 16], norm_num_groups=4))
+        student, tiny_vae = TinySRTransformer(**TINY_TRANSFORMER, num_layers=2), TinyAutoencoder(channels=16)
+    cfg = sd3.config
+    prompt = torch.randn(1, PROMPT_TOKENS, cfg.joint_attention_dim) * 0.1
+    pooled = torch.randn(1, cfg.pooled_projection_dim) * 0.1
+    return {
+        "TSD-SR": TSDSRPipeline(sd3, vae, prompt, pooled, device=device),
+        "TinySR": TinySRPipeline(student, tiny_vae, device=device),
+    }
+
+
+def stage_fns(pipe, x):
+    """Closures for the three stages; decode gets a latent of the right shape (its cost ignores values)."""
+    scale = pipe.vae.config.scaling_factor
+    z = vae_encode(pipe.vae, x) * scale
+    return {
+        "encode": lambda: vae_encode(pipe.vae, x),
+        "transformer": lambda: pipe.predict(z),
+        "decode": lambda: vae_decode(pipe.vae, z / scale),
+    }
+
+
+def count_macs(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def time_fn(fn, device, repeats: int) -> float:
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper", log=print) -> dict:
+    device = pick_device(device)
+    dtypes = [parse_dtype(d) for d in dtypes] if dtypes else [torch.float32, half_dtype(device)]
+    log(f"building {scale}-size TSD-SR and TinySR with random weights on {device} ...")
+    pipes = build_pipelines(scale, device)
+    out = size * 4
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "input": f"{size}x{size}",
+        "output": f"{out}x{out}",
+        "torch": torch.__version__,
+        "scale": scale,
+        "models": {},
+    }
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, out, out, generator=generator) * 2 - 1
+    for name, pipe in pipes.items():
+        params = pipe.num_parameters()
+        entry = {"params": params, "macs": {}, "latency": {}}
+        pipe.to(dtype=torch.float32)
+        x = image.to(device)
+        fns = stage_fns(pipe, x)
+        entry["macs"] = {stage: count_macs(fn) for stage, fn in fns.items()}
+        for dtype in dtypes:
+            pipe.to(dtype=dtype)
+            fns = stage_fns(pipe, x.to(dtype))
+            log(f"timing {name} {dtype_name(dtype)} ...")
+            lat = {stage: time_fn(fn, device, repeats) for stage, fn in fns.items()}
+            lat["total"] = sum(lat.values())
+            entry["latency"][dtype_name(dtype)] = lat
+        results["models"][name] = entry
+        pipe.to(dtype=torch.float32)
+    teacher, student = results["models"]["TSD-SR"], results["models"]["TinySR"]
+    results["ratios"] = {
+        "params_transformer": teacher["params"]["transformer"] / student["params"]["transformer"],
+        "params_vae": teacher["params"]["vae"] / student["params"]["vae"],
+        "macs_total": sum(teacher["macs"].values()) / sum(student["macs"].values()),
+        "vae_macs": (teacher["macs"]["encode"] + teacher["macs"]["decode"]) / (student["macs"]["encode"] + student["macs"]["decode"]),
+        **{f"latency_{d}": teacher["latency"][d]["total"] / student["latency"][d]["total"] for d in teacher["latency"]},
+    }
+    return results
+
+
+def format_table(r: dict) -> str:
+    lines = [f"device: {r['device']}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({r['scale']} size, random weights)"]
+    names = list(r["models"])
+    header = f"{'':34s}" + "".join(f"{n:>14s}" for n in names)
+    lines += [header, "-" * len(header)]
+
+    def row(label, values, fmt):
+        lines.append(f"{label:34s}" + "".join(f"{fmt(v):>14s}" for v in values))
+
+    models = [r["models"][n] for n in names]
+    row("params transformer (M)", [m["params"]["transformer"] / 1e6 for m in models], lambda v: f"{v:.1f}")
+    row("params VAE (M)", [m["params"]["vae"] / 1e6 for m in models], lambda v: f"{v:.2f}")
+    for stage in ("encode", "transformer", "decode"):
+        row(f"MACs {stage} (G)", [m["macs"][stage] / 1e9 for m in models], lambda v: f"{v:.1f}")
+    row("MACs total (G)", [sum(m["macs"].values()) / 1e9 for m in models], lambda v: f"{v:.1f}")
+    for dtype in models[0]["latency"]:
+        for stage in ("encode", "transformer", "decode", "total"):
+            row(f"latency {dtype} {stage} (s)", [m["latency"][dtype][stage] for m in models], lambda v: f"{v:.3f}")
+    lines.append("-" * len(header))
+    ratios = r["ratios"]
+    lines.append(
+        f"TSD-SR / TinySR: params transformer {ratios['params_transformer']:.2f}x, VAE {ratios['params_vae']:.1f}x, "
+        f"MACs {ratios['macs_total']:.2f}x (VAE {ratios['vae_macs']:.1f}x), "
+        + ", ".join(f"latency {k[8:]} {v:.2f}x" for k, v in ratios.items() if k.startswith("latency_"))
+    )
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""`python -m tinysr upscale | convert | bench`."""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .color import COLOR_FIXES
+from .device import DTYPES
+from .errors import TinySRError
+from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
+
+
+def add_upscale(sub):
+    p = sub.add_parser("upscale", help="upscale images or folders of images x4")
+    p.add_argument("inputs", nargs="+", help="image files or folders (every image Pillow reads)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--model", default="tinysr", help="tinysr, tsdsr, a model folder or a hub repo id")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--tile", type=int, default=64, help="latent tile size (8 image pixels per latent pixel)")
+    p.add_argument("--tile-overlap", type=int, default=8)
+    p.add_argument("--vae-tile", type=int, default=128, help="latent tile size of the VAE")
+    p.add_argument("--vae-tile-overlap", type=int, default=16)
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None, help="default: the model's own (TinySR adain, TSD-SR wavelet)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger inputs (checked before decoding)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    p.set_defaults(func=run_upscale)
+
+
+def run_upscale(args) -> int:
+    from tqdm import tqdm
+
+    from .pipelines import load_pipeline
+
+    files = list_images(args.inputs)
+    if not files:
+        print("error: no images found in " + ", ".join(args.inputs), file=sys.stderr)
+        return 2
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    failures = 0
+    bar = tqdm(files, unit="img", file=sys.stderr)
+    for path in bar:
+        target = out_dir / (path.stem + ".png")
+        if target.exists() and not args.overwrite:
+            tqdm.write(f"skip {path} ({target} exists; --overwrite to replace)", file=sys.stderr)
+            continue
+        bar.set_postfix_str(path.name)
+        try:
+            loaded = load_image(path, max_pixels=args.max_pixels)
+            result = pipe(
+                loaded,
+                color_fix=args.color_fix,
+                tile_size=args.tile,
+                tile_overlap=args.tile_overlap,
+                vae_tile_size=args.vae_tile,
+                vae_tile_overlap=args.vae_tile_overlap,
+            )
+        except (TinySRError, ValueError) as e:
+            failures += 1
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            continue
+        tmp = target.with_name(target.name + ".part")
+        result.pil.save(tmp, format="PNG")
+        tmp.replace(target)
+        t = result.timings
+        tqdm.write(
+            f"{path.name} -> {target} {result.image.shape[2]}x{result.image.shape[1]} "
+            f"[{result.dtype}] encode {t['encode']:.2f}s transformer {t['transformer']:.2f}s "
+            f"decode {t['decode']:.2f}s total {t['total']:.2f}s"
+        )
+    if failures:
+        print(f"{failures} of {len(files)} images failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def add_convert(sub):
+    p = sub.add_parser("convert", help="turn an official TinySR or TSD-SR release into our single-folder format")
+    p.add_argument("kind", choices=["tinysr", "tsdsr"])
+    p.add_argument("-o", "--output", required=True, help="folder to write (model_index.json, transformer/, vae/)")
+    p.add_argument("--release", help="tinysr: the official checkpoint folder (tinybackbone/, vae/, tinysr/)")
+    p.add_argument("--sd3", default=None, help="tsdsr: SD3-medium folder or hub id")
+    p.add_argument("--lora", help="tsdsr: folder with transformer.safetensors and vae.safetensors")
+    p.add_argument("--embeds", help="folder with pool_embeds.pt (tinysr) or prompt_embeds.pt + pool_embeds.pt (tsdsr)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="precision of the written weights")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this hub repo (needs HF_TOKEN)")
+    p.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> int:
+    from .pipelines import TinySRPipeline, TSDSRPipeline
+    from .weights import SD3_MEDIUM
+
+    if args.kind == "tinysr":
+        if not args.release:
+            print("error: convert tinysr needs --release DIR", file=sys.stderr)
+            return 2
+        pipe = TinySRPipeline.from_release(args.release, args.embeds, device="cpu")
+    else:
+        if not args.lora or not args.embeds:
+            print("error: convert tsdsr needs --lora DIR and --embeds DIR", file=sys.stderr)
+            return 2
+        pipe = TSDSRPipeline.from_release(args.sd3 or SD3_MEDIUM, args.lora, args.embeds, device="cpu")
+    folder = pipe.save_pretrained(args.output, dtype=args.dtype, push_to_hub=args.push_to_hub)
+    params = pipe.num_parameters()
+    print(f"wrote {folder} ({args.dtype}; transformer {params['transformer'] / 1e6:.1f} M, vae {params['vae'] / 1e6:.2f} M params)")
+    if args.push_to_hub:
+        print(f"uploaded to {args.push_to_hub}")
+    return 0
+
+
+def add_bench(sub):
+    p = sub.add_parser("bench", help="TSD-SR vs TinySR: parameters, MACs and per-stage latency (random weights)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--size", type=int, default=128, help="input side in pixels (output is 4x)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per stage (median reported)")
+    p.add_argument("--dtypes", default=None, help="comma list; default fp32 plus fp16 (CUDA/MPS) or bf16 (CPU)")
+    p.add_argument("--scale", choices=["paper", "tiny"], default="paper", help="tiny: small configs, a smoke test")
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    from .bench import format_table, run_benchmark
+
+    results = run_benchmark(
+        size=args.size,
+        device=args.device,
+        repeats=args.repeats,
+        dtypes=args.dtypes.split(",") if args.dtypes else None,
+        scale=args.scale,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tinysr", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_upscale(sub)
+    add_convert(sub)
+    add_bench(sub)
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        code = args.func(args)
+    except TinySRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.command == "upscale":
+        print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return code

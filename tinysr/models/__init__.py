@@ -1,0 +1,4 @@
+from .autoencoder_tiny import TinyAutoencoder
+from .transformer_tinysr import TinySRTransformer
+
+__all__ = ["TinyAutoencoder", "TinySRTransformer"]

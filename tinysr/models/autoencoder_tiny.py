@@ -1,0 +1,114 @@
+"""The TinySR VAE: a TAESD-shaped autoencoder (width 64, no attention) living in SD3's latent space.
+
+Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 pointwise), which
+is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
+"""
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class SeparableConv2d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, bias: bool = True):
+        super().__init__()
+        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False)
+        self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=bias)
+
+    def forward(self, x):
+        return self.pointwise(self.depthwise(x))
+
+
+def conv3x3(c_in: int, c_out: int, separable: bool, stride: int = 1, bias: bool = True) -> nn.Module:
+    if separable:
+        return SeparableConv2d(c_in, c_out, stride=stride, bias=bias)
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class ResBlock(nn.Module):
+    """Three conv+ReLU with a skip, then ReLU (TAESD's block)."""
+
+    def __init__(self, channels: int, separable: bool):
+        super().__init__()
+        self.conv = nn.Sequential(
+            conv3x3(channels, channels, separable),
+            nn.ReLU(),
+            conv3x3(channels, channels, separable),
+            nn.ReLU(),
+            conv3x3(channels, channels, separable),
+        )
+        self.fuse = nn.ReLU()
+
+    def forward(self, x):
+        return self.fuse(self.conv(x) + x)
+
+
+class TinyEncoder(nn.Module):
+    """TAESD encoder layout (`layers.N`), taking [-1, 1] images."""
+
+    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, separable: bool):
+        super().__init__()
+        layers = [conv3x3(3, channels, separable), ResBlock(channels, separable)]
+        for _ in range(stages):
+            layers.append(conv3x3(channels, channels, separable, stride=2, bias=False))
+            layers.extend(ResBlock(channels, separable) for _ in range(blocks))
+        layers.append(conv3x3(channels, latent_channels, separable))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.layers(x.add(1).div(2))
+
+
+class TinyDecoder(nn.Module):
+    """TAESD decoder layout (`layers.N`): soft-clamped latent in, [-1, 1] image out."""
+
+    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, separable: bool):
+        super().__init__()
+        layers = [conv3x3(latent_channels, channels, separable), nn.ReLU()]
+        for _ in range(stages):
+            layers.extend(ResBlock(channels, separable) for _ in range(blocks))
+            layers.append(nn.Upsample(scale_factor=2))
+            layers.append(conv3x3(channels, channels, separable, bias=False))
+        layers.extend([ResBlock(channels, separable), conv3x3(channels, 3, separable)])
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.layers(torch.tanh(z / 3) * 3).mul(2).sub(1)
+
+
+class TinyAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    """`encode(x in [-1, 1])` returns an unscaled SD3-space latent; `decode` maps it back to [-1, 1].
+
+    The pipelines multiply by `scaling_factor` (SD3's 1.5305) before the transformer, exactly as
+    with the teacher's AutoencoderKL, so both VAEs are interchangeable.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 16,
+        channels: int = 64,
+        num_stages: int = 3,
+        blocks_per_stage: int = 3,
+        encoder_separable: bool = True,
+        decoder_separable: bool = True,
+        scaling_factor: float = 1.5305,
+    ):
+        super().__init__()
+        self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_separable)
+        self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_separable)
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** self.config.num_stages
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))

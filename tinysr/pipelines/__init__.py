@@ -1,0 +1,56 @@
+"""Pipelines, and `load_pipeline`, which turns a model name, folder or hub id into one."""
+
+import os
+from pathlib import Path
+
+from ..errors import MissingWeightsError, WrongModelError
+from ..weights import SD3_MEDIUM, read_json, resolve_folder
+from .base import OneStepSRPipeline, SRResult
+from .tinysr import TinySRPipeline
+from .tsdsr import TSDSRPipeline
+
+PIPELINES = {cls.model_index_name: cls for cls in (TinySRPipeline, TSDSRPipeline)}
+BUNDLED = Path(__file__).resolve().parents[2] / "assets" / "weights"
+
+# name -> (environment variable for a folder or hub id in our format, bundled demo folder)
+NAMED_MODELS = {
+    "tinysr": ("TINYSR_MODEL", BUNDLED / "tinysr-demo"),
+    "tsdsr": ("TSDSR_MODEL", BUNDLED / "tsdsr-demo"),
+}
+
+
+def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="fp32") -> OneStepSRPipeline:
+    """`tinysr`, `tsdsr`, or a folder / hub id in our format (its model_index.json picks the class).
+
+    `tsdsr` also loads the official layout when TSDSR_LORA_DIR is set (with TSDSR_EMBEDS_DIR and,
+    optionally, TSDSR_SD3 for the base model).
+    """
+    kwargs = {"device": device, "dtype": dtype}
+    if model in NAMED_MODELS:
+        env, bundled = NAMED_MODELS[model]
+        if os.environ.get(env):
+            return load_pipeline(os.environ[env], revision=revision, token=token, **kwargs)
+        if model == "tsdsr" and os.environ.get("TSDSR_LORA_DIR"):
+            return TSDSRPipeline.from_release(
+                os.environ.get("TSDSR_SD3", SD3_MEDIUM),
+                os.environ["TSDSR_LORA_DIR"],
+                os.environ.get("TSDSR_EMBEDS_DIR", os.environ["TSDSR_LORA_DIR"]),
+                token=token,
+                **kwargs,
+            )
+        if (bundled / "model_index.json").is_file():
+            return load_pipeline(str(bundled), **kwargs)
+        raise MissingWeightsError(
+            "model_index.json",
+            [f"${env} (unset)", str(bundled)],
+            f"Set {env} to a folder or hub repo made by `python -m tinysr convert`, or pass --model PATH."
+            + (" For the official TSD-SR layout set TSDSR_LORA_DIR and TSDSR_EMBEDS_DIR." if model == "tsdsr" else ""),
+        )
+    folder = resolve_folder(model, revision=revision, token=token)
+    name = read_json(folder / "model_index.json").get("_class_name")
+    if name not in PIPELINES:
+        raise WrongModelError(f"{folder} holds a {name}; expected one of {', '.join(PIPELINES)}")
+    return PIPELINES[name].from_pretrained(folder, **kwargs)
+
+
+__all__ = ["OneStepSRPipeline", "SRResult", "TSDSRPipeline", "TinySRPipeline", "load_pipeline"]

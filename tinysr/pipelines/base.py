@@ -1,0 +1,234 @@
+"""The path TinySR and TSD-SR share: bicubic x4, pad, encode, tiled one-step prediction, decode, colour fix.
+
+Subclasses only say how to predict the noise (`predict`) and how they are stored.
+"""
+
+import json
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from ..color import COLOR_FIXES, apply_color_fix
+from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, synchronize
+from ..errors import ImageError
+from ..imageio import LoadedImage, load_image, to_pil
+from ..tiling import tiled_map
+
+SCALE = 4
+MIN_INPUT_SIDE = 128  # shorter inputs are enlarged first so the processed short side reaches 512
+TIMESTEP = 1000.0
+
+
+@dataclass
+class SRResult:
+    """The upscaled image (CHW float in [0, 1]) with per-stage seconds and the precision actually used."""
+
+    image: torch.Tensor
+    timings: dict = field(default_factory=dict)
+    dtype: str = "fp32"
+    alpha: torch.Tensor | None = None
+    grayscale: bool = False
+    bit_depth: int = 8
+
+    @property
+    def pil(self) -> Image.Image:
+        return to_pil(self.image, self.alpha, self.grayscale, self.bit_depth)
+
+
+def vae_encode(vae, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic latent: the posterior mean for AutoencoderKL, the encoder output for TinyAutoencoder."""
+    if isinstance(vae, AutoencoderKL):
+        return vae.encode(x).latent_dist.mean
+    return vae.encode(x)
+
+
+def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    if isinstance(vae, AutoencoderKL):
+        return vae.decode(z).sample
+    return vae.decode(z)
+
+
+def vae_downscale(vae) -> int:
+    if isinstance(vae, AutoencoderKL):
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae.downscale
+
+
+def processing_size(height: int, width: int) -> tuple[int, int]:
+    """Bicubic target: x4, after enlarging inputs whose short side is under 128."""
+    short = min(height, width)
+    s = MIN_INPUT_SIDE / short if short < MIN_INPUT_SIDE else 1.0
+    return round(height * s) * SCALE, round(width * s) * SCALE
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad bottom/right by reflection (replication when the image is too small to reflect)."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not ph and not pw:
+        return x
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+class OneStepSRPipeline:
+    """One-step latent SR: z = E(x) * s, z_hr = z - eps(z), image = D(z_hr / s)."""
+
+    default_color_fix = "adain"
+    model_index_name = ""
+
+    def __init__(self, transformer, vae, *, device=None, dtype="fp32"):
+        self.device = pick_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.to(self.device, self.dtype)
+
+    # ----- what subclasses provide -----
+    def predict(self, latent: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.transformer.config.patch_size
+
+    # ----- shared machinery -----
+    def to(self, device=None, dtype=None):
+        self.device = pick_device(device) if device is not None else self.device
+        self.dtype = parse_dtype(dtype) if dtype is not None else self.dtype
+        for module in self.modules().values():
+            # nn.Module.to: ModelMixin.to only adds a warning about fp32-pinned modules, which these lack
+            torch.nn.Module.to(module, self.device, self.dtype)
+        return self
+
+    def modules(self) -> dict:
+        return {"transformer": self.transformer, "vae": self.vae}
+
+    def num_parameters(self) -> dict:
+        return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
+
+    @contextmanager
+    def _timed(self, timings: dict, stage: str):
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+    @torch.no_grad()
+    def _run(self, x: torch.Tensor, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings) -> torch.Tensor:
+        """x: (1, 3, H, W) in [-1, 1], H and W multiples of the VAE and patch size; returns [-1, 1]."""
+        down = vae_downscale(self.vae)
+        scale = self.vae.config.scaling_factor
+        x = x.to(self.device, self.dtype)
+        with self._timed(timings, "encode"):
+            z = tiled_map(lambda t: vae_encode(self.vae, t), x, vae_tile_size, vae_tile_overlap, x_scale=down) * scale
+        with self._timed(timings, "transformer"):
+            pred = tiled_map(self.predict, z, tile_size, tile_overlap, align=self.latent_multiple)
+            z = z - pred
+        with self._timed(timings, "decode"):
+            y = tiled_map(lambda t: vae_decode(self.vae, t), z / scale, vae_tile_size, vae_tile_overlap, y_scale=down)
+        return y.float()
+
+    def __call__(
+        self,
+        image,
+        *,
+        color_fix: str | None = None,
+        tile_size: int = 64,
+        tile_overlap: int = 8,
+        vae_tile_size: int = 128,
+        vae_tile_overlap: int = 16,
+        max_pixels: int | None = None,
+    ) -> SRResult:
+        """Upscale x4. `image`: a path, PIL image, LoadedImage, or CHW float tensor in [0, 1].
+
+        Tile sizes are in latent pixels (8 image pixels each); inputs of any size are padded,
+        never distorted, and the output is exactly 4x the input.
+        """
+        color_fix = color_fix or self.default_color_fix
+        if color_fix not in COLOR_FIXES:
+            raise ValueError(f"unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
+        if tile_size < 2 * self.latent_multiple or tile_overlap < 0 or tile_overlap >= tile_size:
+            raise ValueError(f"need tile_size >= {2 * self.latent_multiple} and 0 <= tile_overlap < tile_size")
+        if vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size:
+            raise ValueError("need vae_tile_size >= 4 and 0 <= vae_tile_overlap < vae_tile_size")
+        loaded = self._as_loaded(image, max_pixels)
+        timings: dict = {}
+        start = time.perf_counter()
+        rgb = loaded.rgb[None].float()
+        h, w = rgb.shape[-2:]
+        ph, pw = processing_size(h, w)
+        with self._timed(timings, "preprocess"):
+            upscaled = F.interpolate(rgb, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
+            multiple = vae_downscale(self.vae) * self.latent_multiple
+            x = pad_to_multiple(upscaled * 2 - 1, multiple)
+        args = (tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings)
+        y = self._run(x, *args)
+        if not self._looks_valid(y):
+            if self.dtype != torch.float16:
+                raise FloatingPointError(f"the model produced non-finite values in {dtype_name(self.dtype)}")
+            retry = fallback_dtype(self.device)
+            warnings.warn(f"fp16 overflowed (NaN/inf or black output); switching to {dtype_name(retry)}", stacklevel=2)
+            self.to(dtype=retry)
+            y = self._run(x, *args)
+        with self._timed(timings, "postprocess"):
+            y = ((y[..., :ph, :pw].clamp(-1, 1) + 1) / 2).cpu()
+            y = apply_color_fix(y, upscaled, color_fix)
+            out_size = (h * SCALE, w * SCALE)
+            if (ph, pw) != out_size:
+                y = F.interpolate(y, size=out_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            alpha = None
+            if loaded.alpha is not None:
+                alpha = F.interpolate(loaded.alpha[None], size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)[0]
+        timings["total"] = time.perf_counter() - start
+        return SRResult(y[0], timings, dtype_name(self.dtype), alpha, loaded.grayscale, loaded.bit_depth)
+
+    @staticmethod
+    def _as_loaded(image, max_pixels) -> LoadedImage:
+        if isinstance(image, LoadedImage):
+            return image
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) == 0:
+                raise ImageError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+            return LoadedImage(image.float().clamp(0, 1), None, False, 8)
+        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
+        return load_image(image, **kwargs)
+
+    @staticmethod
+    def _looks_valid(y: torch.Tensor) -> bool:
+        """Finite and not collapsed to one flat value (the black frame of an fp16 overflow)."""
+        return bool(torch.isfinite(y).all()) and float(y.std()) > 1e-4
+
+    # ----- storage -----
+    def save_pretrained(self, folder, *, dtype: str | None = None, push_to_hub: str | None = None, token=None) -> Path:
+        """Our single-folder format: model_index.json + one subfolder per component (safetensors)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, module in self.modules().items():
+            original = next(module.parameters()).dtype
+            if dtype is not None:
+                torch.nn.Module.to(module, parse_dtype(dtype))
+            module.save_pretrained(folder / name, safe_serialization=True)
+            torch.nn.Module.to(module, original)
+        self._save_extras(folder)
+        index = {"_class_name": self.model_index_name}
+        index.update({name: [type(m).__module__.split(".")[0], type(m).__name__] for name, m in self.modules().items()})
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            api.create_repo(push_to_hub, exist_ok=True)
+            api.upload_folder(repo_id=push_to_hub, folder_path=str(folder))
+        return folder
+
+    def _save_extras(self, folder: Path) -> None:
+        pass

@@ -1,0 +1,46 @@
+"""TinySR: the pruned, condition-free transformer with the tiny VAE; nothing but the latent goes in."""
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from ..errors import WrongModelError
+from ..models import TinyAutoencoder, TinySRTransformer
+from ..weights import load_component, load_tinysr_release, read_json, resolve_folder
+from .base import OneStepSRPipeline
+
+
+class TinySRPipeline(OneStepSRPipeline):
+    default_color_fix = "adain"
+    model_index_name = "TinySRPipeline"
+
+    def predict(self, latent):
+        return self.transformer(latent)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | None = None,
+        device=None,
+        dtype="fp32",
+    ) -> "TinySRPipeline":
+        """A folder or hub repo in our format (see `save_pretrained` / `python -m tinysr convert`)."""
+        folder = resolve_folder(model, revision=revision, token=token, what="TinySR model folder")
+        index = read_json(folder / "model_index.json")
+        if index.get("_class_name") != cls.model_index_name:
+            raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
+        transformer = load_component(folder, "transformer", {"TinySRTransformer": TinySRTransformer}, torch.float32)
+        vae = load_component(folder, "vae", {"TinyAutoencoder": TinyAutoencoder, "AutoencoderKL": AutoencoderKL}, torch.float32)
+        return cls(transformer, vae, device=device, dtype=dtype)
+
+    @classmethod
+    def from_release(cls, root: str | os.PathLike, embeds: str | os.PathLike | None = None, *, device=None, dtype="fp32"):
+        """The official TinySR checkpoint layout (LoRA merged and modulation folded at load)."""
+        transformer, vae = load_tinysr_release(Path(root), embeds)
+        return cls(transformer, vae, device=device, dtype=dtype)
+

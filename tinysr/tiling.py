@@ -1,0 +1,75 @@
+"""Overlapping tiles blended with Gaussian weights, for the transformer and both VAEs.
+
+Tile positions live on the latent grid; `x_scale`/`y_scale` map them onto the input and output
+grids, so one function tiles the transformer (1, 1), a VAE encoder (8, 1) and a decoder (1, 8).
+"""
+
+from collections.abc import Callable
+
+import torch
+
+
+def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
+    """Start offsets covering [0, length): stride tile - overlap, last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    stride = max(tile - overlap, align)
+    stride -= stride % align
+    starts = list(range(0, length - tile, stride))
+    last = length - tile
+    if not starts or starts[-1] != last:
+        starts.append(last)
+    return starts
+
+
+def gaussian_tile_weights(height: int, width: int, var: float = 0.01) -> torch.Tensor:
+    """Separable Gaussian bump peaking at the tile centre (as in MultiDiffusion-style SR tiling)."""
+
+    def bump(n: int) -> torch.Tensor:
+        x = torch.arange(n, dtype=torch.float64)
+        mid = (n - 1) / 2
+        return torch.exp(-((x - mid) ** 2) / (n * n) / (2 * var)) / (2 * torch.pi * var) ** 0.5
+
+    return torch.outer(bump(height), bump(width)).float()
+
+
+def tile_boxes(height: int, width: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:
+    """(top, left, h, w) boxes on the latent grid."""
+    th, tw = min(tile, height), min(tile, width)
+    return [
+        (top, left, th, tw)
+        for top in tile_starts(height, th, overlap, align)
+        for left in tile_starts(width, tw, overlap, align)
+    ]
+
+
+def tiled_map(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    x_scale: int = 1,
+    y_scale: int = 1,
+    align: int = 1,
+) -> torch.Tensor:
+    """Apply `fn` tile by tile and blend; a single tile is just `fn(x)`, bit for bit.
+
+    `tile`, `overlap` and `align` are in latent units; `x_scale`/`y_scale` are the number of
+    input/output pixels per latent pixel.
+    """
+    height, width = x.shape[-2] // x_scale, x.shape[-1] // x_scale
+    boxes = tile_boxes(height, width, tile, overlap, align)
+    if len(boxes) == 1:
+        return fn(x)
+    out = weight_sum = None
+    for top, left, th, tw in boxes:
+        s = x_scale
+        y = fn(x[..., top * s : (top + th) * s, left * s : (left + tw) * s]).float()
+        if out is None:
+            out = y.new_zeros(*y.shape[:-2], height * y_scale, width * y_scale)
+            weight_sum = y.new_zeros(height * y_scale, width * y_scale)
+        w = gaussian_tile_weights(th * y_scale, tw * y_scale).to(y.device)
+        s = y_scale
+        out[..., top * s : (top + th) * s, left * s : (left + tw) * s] += y * w
+        weight_sum[top * s : (top + th) * s, left * s : (left + tw) * s] += w
+    return (out / weight_sum).to(x.dtype)
