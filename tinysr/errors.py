@@ -9,6 +9,10 @@ class ImageError(TinySRError, ValueError):
     """An input that is not a usable image (unreadable, truncated, empty, too large)."""
 
 
+class NumericalError(TinySRError, ArithmeticError):
+    """The model produced NaN/inf or a flat image even in the fallback precision."""
+
+
 class WrongModelError(TinySRError, ValueError):
     """A weight folder that holds something other than what was asked for."""
 

@@ -111,9 +111,14 @@ def load_component(folder: Path, subfolder: str, classes: dict, dtype: torch.dty
             "The folder is incomplete; re-download or re-convert it.",
         )
     try:
-        return classes[name].from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype)
+        model, info = classes[name].from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
     except (ValueError, RuntimeError, OSError) as e:
         raise WrongModelError(f"{folder / subfolder}: weights do not fit its {name} config ({e})") from None
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:3]}" for k, v in problems.items())
+        raise WrongModelError(f"{folder / subfolder}: weights do not fit its {name} config ({detail})")
+    return model
 
 
 def load_tensor_file(path: Path) -> dict[str, torch.Tensor] | torch.Tensor:

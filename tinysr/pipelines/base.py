@@ -17,7 +17,7 @@ from PIL import Image
 
 from ..color import COLOR_FIXES, apply_color_fix
 from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, synchronize
-from ..errors import ImageError
+from ..errors import ImageError, NumericalError
 from ..imageio import LoadedImage, load_image, to_pil
 from ..tiling import tiled_map
 
@@ -99,14 +99,39 @@ class OneStepSRPipeline:
     def latent_multiple(self) -> int:
         return self.transformer.config.patch_size
 
+    @property
+    def max_latent_tile(self) -> int:
+        """The largest latent side the position table covers; larger tiles are reduced to it."""
+        return self.transformer.config.pos_embed_max_size * self.transformer.config.patch_size
+
     # ----- shared machinery -----
     def to(self, device=None, dtype=None):
         self.device = pick_device(device) if device is not None else self.device
         self.dtype = parse_dtype(dtype) if dtype is not None else self.dtype
-        for module in self.modules().values():
+        for name, module in self.modules().items():
+            if self.dtype == torch.float16:
+                self._keep_fp16_overflows(name, module)
             # nn.Module.to: ModelMixin.to only adds a warning about fp32-pinned modules, which these lack
             torch.nn.Module.to(module, self.device, self.dtype)
+            if self.dtype != torch.float16:
+                self._restore_fp16_overflows(name, module)
         return self
+
+    @torch.no_grad()
+    def _keep_fp16_overflows(self, name: str, module) -> None:
+        """Remember weights that fp16 cannot hold, so a later fallback starts from the true values."""
+        kept = self.__dict__.setdefault("_fp16_overflows", {}).setdefault(name, {})
+        limit = torch.finfo(torch.float16).max
+        for key, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and tensor.dtype != torch.float16 and key not in kept:
+                if tensor.abs().max() > limit:
+                    kept[key] = tensor.detach().float().cpu().clone()
+
+    @torch.no_grad()
+    def _restore_fp16_overflows(self, name: str, module) -> None:
+        state = module.state_dict()
+        for key, value in self.__dict__.get("_fp16_overflows", {}).get(name, {}).items():
+            state[key].copy_(value)
 
     def modules(self) -> dict:
         return {"transformer": self.transformer, "vae": self.vae}
@@ -160,6 +185,8 @@ class OneStepSRPipeline:
             raise ValueError(f"need tile_size >= {2 * self.latent_multiple} and 0 <= tile_overlap < tile_size")
         if vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size:
             raise ValueError("need vae_tile_size >= 4 and 0 <= vae_tile_overlap < vae_tile_size")
+        tile_size = min(tile_size, self.max_latent_tile)
+        tile_overlap = min(tile_overlap, tile_size // 2)
         loaded = self._as_loaded(image, max_pixels)
         timings: dict = {}
         start = time.perf_counter()
@@ -172,13 +199,13 @@ class OneStepSRPipeline:
             x = pad_to_multiple(upscaled * 2 - 1, multiple)
         args = (tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings)
         y = self._run(x, *args)
-        if not self._looks_valid(y):
-            if self.dtype != torch.float16:
-                raise FloatingPointError(f"the model produced non-finite values in {dtype_name(self.dtype)}")
+        if not self._looks_valid(y) and self.dtype == torch.float16:
             retry = fallback_dtype(self.device)
             warnings.warn(f"fp16 overflowed (NaN/inf or black output); switching to {dtype_name(retry)}", stacklevel=2)
             self.to(dtype=retry)
             y = self._run(x, *args)
+        if not self._looks_valid(y):
+            raise NumericalError(f"the model produced NaN/inf or a flat image in {dtype_name(self.dtype)}; check the weights")
         with self._timed(timings, "postprocess"):
             y = ((y[..., :ph, :pw].clamp(-1, 1) + 1) / 2).cpu()
             y = apply_color_fix(y, upscaled, color_fix)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from peft import LoraConfig
+
+from tinysr import TinyAutoencoder, TinySRTransformer
+from tinysr.weights import merge_lora
+
+from .conftest import make_student, make_tiny_vae
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_defaults_are_the_paper_architectures():
+    with torch.device("meta"):
+        student = TinySRTransformer()
+    assert len(student.transformer_blocks) == 12
+    assert student.proj_out.in_features == 1536
+    assert 330e6 < n_params(student) < 350e6  # "about 340 M"
+    vae = TinyAutoencoder()
+    assert 0.14e6 < n_params(vae.encoder) < 0.18e6 and 0.14e6 < n_params(vae.decoder) < 0.18e6
+    plain = TinyAutoencoder(encoder_separable=False, decoder_separable=False)
+    assert 2.3e6 < n_params(plain) < 2.6e6
+    assert isinstance(vae.encoder.layers[0].depthwise, torch.nn.Conv2d)
+    assert TinyAutoencoder(decoder_separable=False).decoder.layers[0].__class__ is torch.nn.Conv2d
+
+
+@torch.no_grad()
+def test_transformer_shapes_and_position_crop():
+    model = make_student()
+    for h, w in [(2, 2), (8, 14), (64, 64)]:
+        x = torch.randn(1, 16, h, w)
+        assert model(x).shape == x.shape
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        model(torch.randn(1, 16, 66, 8))
+    with pytest.raises(ValueError, match="multiple"):
+        model(torch.randn(1, 16, 7, 8))
+
+
+@torch.no_grad()
+def test_position_table_is_sd3s_centre_crop():
+    model = make_student()
+    table = model.pos_embed.pos_embed.reshape(32, 32, -1)
+    h = model.pos_embed(torch.zeros(1, 16, 8, 12)) - model.pos_embed.proj.bias
+    assert torch.allclose(h.reshape(4, 6, -1), table[14:18, 13:19], atol=1e-6)
+
+
+@torch.no_grad()
+def test_save_load_round_trip(tmp_path):
+    model, vae = make_student(), make_tiny_vae()
+    model.save_pretrained(tmp_path / "t")
+    vae.save_pretrained(tmp_path / "v")
+    assert (tmp_path / "t" / "diffusion_pytorch_model.safetensors").is_file()
+    x = torch.randn(1, 16, 8, 8)
+    assert torch.equal(TinySRTransformer.from_pretrained(tmp_path / "t")(x), model(x))
+    half = TinySRTransformer.from_pretrained(tmp_path / "t", torch_dtype=torch.float16)
+    assert half.dtype == torch.float16
+    img = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(TinyAutoencoder.from_pretrained(tmp_path / "v").decode(vae.encode(img)), vae.decode(vae.encode(img)))
+
+
+@torch.no_grad()
+def test_vae_shapes_and_ranges():
+    vae = make_tiny_vae()
+    x = torch.rand(2, 3, 40, 24) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (2, 16, 5, 3)
+    assert vae.decode(z).shape == x.shape
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["transformer", "vae"])
+def test_lora_merge_equals_adapter_output(kind):
+    if kind == "transformer":
+        model, x = make_student(), torch.randn(1, 16, 8, 8)
+        targets = ["to_q", "to_k", "to_v", "to_out.0", "proj", "net.2", "proj_out"]
+    else:
+        model, x = make_tiny_vae(), torch.rand(1, 3, 32, 32) * 2 - 1
+        targets = ["pointwise"]
+    base = model(x)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
+    with_adapter = model(x)
+    assert (with_adapter - base).abs().max() > 1e-3
+    merge_lora(model)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert (model(x) - with_adapter).abs().max() < 1e-4
