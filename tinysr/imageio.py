@@ -43,6 +43,8 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
         raise ImageError(f"{name}: cannot open ({e.strerror or e})") from None
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: image is larger than {max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
     w, h = im.size
     if w == 0 or h == 0:
         raise ImageError(f"{name}: image has zero size ({w}x{h})")

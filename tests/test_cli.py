@@ -1,0 +1,124 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinysr import TinySRPipeline
+from tinysr.errors import ImageError
+from tinysr.imageio import load_image
+
+from .test_pipeline import write_tinysr_release
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tinysr", *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+
+
+def photo(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    im = photo(24, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(d / "rotated.jpg", exif=exif)
+    rgba = photo(20, 20, 1).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((20, 20)))
+    rgba.save(d / "alpha.png")
+    photo(16, 24, 2).convert("L").save(d / "gray.png")
+    gray16 = (np.asarray(photo(16, 16, 3).convert("L"), dtype=np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(gray16).save(d / "gray16.png")
+    photo(16, 16, 4).convert("CMYK").save(d / "cmyk.jpg")
+    return d
+
+
+def test_upscale_folder_keeps_orientation_alpha_and_depth(tiny_folder, inputs, tmp_path):
+    out = tmp_path / "out"
+    r = cli("upscale", inputs, "-o", out, "--model", tiny_folder, "--tile", "16", "--tile-overlap", "4")
+    assert r.returncode == 0, r.stderr
+    sizes = {p.stem: Image.open(p) for p in out.glob("*.png")}
+    assert set(sizes) == {"rotated", "alpha", "gray", "gray16", "cmyk"}
+    assert sizes["rotated"].size == (96, 160)  # EXIF applied: 40x24 stored, shown 24 wide
+    assert sizes["alpha"].mode == "RGBA" and sizes["alpha"].size == (80, 80)
+    alpha = np.asarray(sizes["alpha"].getchannel("A"), dtype=float)
+    assert alpha[:8].mean() < 40 and alpha[-8:].mean() > 215  # the gradient survives
+    assert sizes["gray"].mode == "L" and sizes["gray"].size == (96, 64)
+    assert sizes["gray16"].mode.startswith("I") and sizes["gray16"].size == (64, 64)
+    assert sizes["cmyk"].mode == "RGB"
+    assert "transformer" in r.stdout and "total" in r.stdout
+    again = cli("upscale", inputs / "gray.png", "-o", out, "--model", tiny_folder)
+    assert again.returncode == 0 and "skip" in again.stderr
+
+
+def test_bad_inputs_are_reported_and_the_rest_still_done(tiny_folder, tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "notes.png").write_text("not an image")
+    photo(32, 32).save(d / "whole.jpg")
+    (d / "truncated.jpg").write_bytes((d / "whole.jpg").read_bytes()[:300])
+    photo(64, 64).save(d / "big.png")
+    out = tmp_path / "out"
+    r = cli("upscale", d, "-o", out, "--model", tiny_folder, "--max-pixels", "2000")
+    assert r.returncode == 1
+    assert "notes.png: not an image" in r.stderr
+    assert "truncated.jpg: corrupt or truncated" in r.stderr
+    assert "exceeds the limit of 2000" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert [p.name for p in out.iterdir()] == ["whole.png"]
+
+
+def test_missing_model_and_no_images(tmp_path):
+    r = cli("upscale", tmp_path, "-o", tmp_path / "o", "--model", tmp_path / "nope")
+    assert r.returncode == 2 and "no images" in r.stderr
+    photo(16, 16).save(tmp_path / "a.png")
+    r = cli("upscale", tmp_path / "a.png", "-o", tmp_path / "o", "--model", tmp_path / "nope")
+    assert r.returncode == 2 and "missing weights" in r.stderr and str(tmp_path / "nope") in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_load_image_rejects_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (3000, 3000)).save(path)
+    with pytest.raises(ImageError, match="9000000 pixels exceeds"):
+        load_image(path, max_pixels=1000)
+    with pytest.raises(ImageError, match="cannot open"):
+        load_image(tmp_path / "absent.png")
+
+
+def test_convert_official_release_then_upscale(tmp_path):
+    write_tinysr_release(tmp_path / "release")
+    out = tmp_path / "converted"
+    r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "TinySRPipeline"
+    pipe = TinySRPipeline.from_pretrained(out)
+    assert next(pipe.transformer.parameters()).dtype.is_floating_point
+    from safetensors import safe_open
+
+    with safe_open(out / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert f.get_tensor("proj_out.weight").dtype.itemsize == 2  # fp16 on disk
+    r = cli("convert", "tinysr", "--release", tmp_path / "nothing", "-o", out)
+    assert r.returncode == 2 and "config.json" in r.stderr
+
+
+def test_bench_smoke(tmp_path):
+    r = cli("bench", "--scale", "tiny", "--repeats", "1", "--dtypes", "fp32", "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert set(result["models"]) == {"TSD-SR", "TinySR"}
+    assert result["ratios"]["params_transformer"] > 1 and result["models"]["TinySR"]["macs"]["transformer"] > 0
+    assert "TSD-SR / TinySR" in r.stdout
