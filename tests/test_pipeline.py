@@ -7,11 +7,11 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from tinysr import TinySRPipeline, TSDSRPipeline, load_pipeline
-from tinysr.errors import ImageError, MissingWeightsError, WrongModelError
+from tinysr.errors import ImageError, MissingWeightsError, NumericalError, WrongModelError
 from tinysr.pipelines.base import pad_to_multiple, processing_size
 from tinysr.weights import TINYSR_TRANSFORMER_LORA_TARGETS, TSDSR_TRANSFORMER_LORA_TARGETS, vae_lora_targets
 
-from .conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
+from .conftest import make_kl, make_sd3, make_tiny_vae, random_image
 
 
 @pytest.mark.parametrize("h,w", [(37, 53), (128, 96), (130, 131), (16, 200)])
@@ -63,6 +63,15 @@ def test_fp16_overflow_falls_back(tiny_pipeline):
     with pytest.warns(UserWarning, match="fp16 overflowed"):
         result = pipe(random_image(32, 32))
     assert result.dtype == "bf16" and torch.isfinite(result.image).all()
+
+
+def test_flat_input_and_nan_weights(tiny_pipeline):
+    flat = tiny_pipeline(torch.full((3, 24, 24), 0.5))
+    assert flat.image.shape == (3, 96, 96)
+    with torch.no_grad():
+        tiny_pipeline.transformer.proj_out.bias.fill_(float("nan"))
+    with pytest.raises(NumericalError, match="NaN"):
+        tiny_pipeline(random_image(24, 24))
 
 
 def test_bad_arguments(tiny_pipeline):
