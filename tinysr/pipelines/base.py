@@ -115,6 +115,8 @@ class OneStepSRPipeline:
             torch.nn.Module.to(module, self.device, self.dtype)
             if self.dtype != torch.float16:
                 self._restore_fp16_overflows(name, module)
+        # convolutions run about 2x faster channels-last on CPU (and on tensor cores)
+        torch.nn.Module.to(self.vae, memory_format=torch.channels_last)
         return self
 
     @torch.no_grad()
@@ -152,14 +154,15 @@ class OneStepSRPipeline:
         """x: (1, 3, H, W) in [-1, 1], H and W multiples of the VAE and patch size; returns [-1, 1]."""
         down = vae_downscale(self.vae)
         scale = self.vae.config.scaling_factor
-        x = x.to(self.device, self.dtype)
+        x = x.to(self.device, self.dtype, memory_format=torch.channels_last)
         with self._timed(timings, "encode"):
             z = tiled_map(lambda t: vae_encode(self.vae, t), x, vae_tile_size, vae_tile_overlap, x_scale=down) * scale
         with self._timed(timings, "transformer"):
             pred = tiled_map(self.predict, z, tile_size, tile_overlap, align=self.latent_multiple)
             z = z - pred
         with self._timed(timings, "decode"):
-            y = tiled_map(lambda t: vae_decode(self.vae, t), z / scale, vae_tile_size, vae_tile_overlap, y_scale=down)
+            z = (z / scale).contiguous(memory_format=torch.channels_last)
+            y = tiled_map(lambda t: vae_decode(self.vae, t), z, vae_tile_size, vae_tile_overlap, y_scale=down)
         return y.float()
 
     def __call__(
