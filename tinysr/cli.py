@@ -10,6 +10,7 @@ from .color import COLOR_FIXES
 from .device import DTYPES
 from .errors import TinySRError
 from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
+from .metrics import DEFAULT_METRICS, METRICS
 
 
 def add_upscale(sub):
@@ -141,12 +142,103 @@ def run_bench(args) -> int:
     return 0
 
 
+def add_eval(sub):
+    p = sub.add_parser("eval", help="metrics of a folder of SR outputs against ground truth (or of a model run first)")
+    p.add_argument("--pred", help="folder of SR outputs (paired with --gt by file name)")
+    p.add_argument("--gt", help="folder of ground-truth images; omit for no-reference metrics only")
+    p.add_argument("--model", help="run this model over --lr first: tinysr, tsdsr, bicubic, realesrgan-x4plus, a folder or hub id")
+    p.add_argument("--lr", help="folder of low-resolution inputs (with --model)")
+    p.add_argument("--out", help="where --model writes its outputs (with --model)")
+    p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list from: {', '.join(METRICS)}")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write {average, per_image, unavailable} here")
+    p.add_argument("--csv", help="write one row per image here")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from accelerate import PartialState
+
+    from .device import pick_device
+    from .evaluate import evaluate_folders, format_table, upscale_folder, write_reports
+
+    state = PartialState()
+    if args.model:
+        if not (args.lr and args.out):
+            print("error: --model needs --lr DIR and --out DIR", file=sys.stderr)
+            return 2
+        from .pipelines import load_pipeline
+
+        device = state.device if state.num_processes > 1 else pick_device(args.device)
+        pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
+        run = upscale_folder(pipe, args.lr, args.out)
+        if state.is_main_process:
+            stages = ", ".join(f"{k} {v / max(run['images'], 1):.3f}s" for k, v in run["stage_s"].items())
+            print(f"{args.model}: {run['images']} images in {run['wall_s']:.1f}s (per image: {stages})", file=sys.stderr)
+        pred = args.out
+    elif args.pred:
+        pred = args.pred
+    else:
+        print("error: give --pred DIR, or --model NAME with --lr DIR --out DIR", file=sys.stderr)
+        return 2
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate_folders(pred, args.gt, metrics=metrics, device=None if args.device == "auto" else args.device)
+    if state.is_main_process:
+        print(format_table({args.model or Path(pred).name: result}))
+        write_reports(result, args.json, args.csv)
+    return 0
+
+
+def add_cache(sub):
+    p = sub.add_parser("cache", help="pre-encode LQ, HQ and teacher-output latents of a paired dataset (resumable)")
+    p.add_argument("pairs", help="folder with lq/ and gt/ (as written by `degrade`)")
+    p.add_argument("-o", "--output", required=True, help="cache folder (index.json + safetensors shards)")
+    p.add_argument("--model", default="tsdsr", help="the teacher whose VAE and outputs are cached")
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="precision the teacher runs in")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run_cache)
+
+
+def run_cache(args) -> int:
+    from .latent_cache import build_latent_cache
+    from .pipelines import load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    index = build_latent_cache(pipe, args.pairs, args.output, shard_size=args.shard_size)
+    count = sum(len(s["names"]) for s in index["shards"])
+    print(f"{args.output}: {count} pairs in {len(index['shards'])} shards")
+    return 0
+
+
+def add_degrade(sub):
+    p = sub.add_parser("degrade", help="make a paired dataset (gt/, lq/) with the Real-ESRGAN degradation")
+    p.add_argument("hr_dir", help="folder of high-resolution photos")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=80)
+    p.add_argument("--crop", type=int, default=512, help="GT crop size (LQ is a quarter of it)")
+    p.add_argument("--per-image", type=int, default=1, help="random crops per photo")
+    p.set_defaults(func=run_degrade)
+
+
+def run_degrade(args) -> int:
+    from .degradation import degrade_folder
+
+    count = degrade_folder(args.hr_dir, args.output, seed=args.seed, crop=args.crop, per_image=args.per_image)
+    print(f"wrote {count} pairs to {args.output}/gt and {args.output}/lq")
+    return 0 if count else 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tinysr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_upscale(sub)
     add_convert(sub)
     add_bench(sub)
+    add_eval(sub)
+    add_cache(sub)
+    add_degrade(sub)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

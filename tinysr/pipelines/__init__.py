@@ -20,12 +20,18 @@ NAMED_MODELS = {
 
 
 def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="fp32") -> OneStepSRPipeline:
-    """`tinysr`, `tsdsr`, or a folder / hub id in our format (its model_index.json picks the class).
+    """`tinysr`, `tsdsr`, a baseline (`bicubic`, `realesrgan-x4plus`), or a folder / hub id in our format.
+
+    A folder's model_index.json picks the pipeline class.
 
     `tsdsr` also loads the official layout when TSDSR_LORA_DIR is set (with TSDSR_EMBEDS_DIR and,
     optionally, TSDSR_SD3 for the base model).
     """
     kwargs = {"device": device, "dtype": dtype}
+    from ..baselines import BASELINES
+
+    if model in BASELINES:
+        return BASELINES[model](**kwargs)
     if model in NAMED_MODELS:
         env, bundled = NAMED_MODELS[model]
         if os.environ.get(env):

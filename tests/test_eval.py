@@ -1,0 +1,96 @@
+"""The evaluation reproduces the metrics that OSEDiff's authors logged for their published outputs."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tinysr.errors import ImageError
+from tinysr.evaluate import evaluate_folders, format_table, pair_files
+from tinysr.metrics import MetricSuite
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETS = ["RealSRVal_crop128", "DrealSRVal_crop128"]
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
+
+
+def osediff_log(dataset: str) -> tuple[dict, dict]:
+    """(average, per-image) metrics from the OSEDiff authors' log, lower-case names."""
+    text = next((DATA / dataset / "results_osediff" / "metrics").glob("*.log")).read_text()
+    per_image = {}
+    for name, fields in re.findall(r"results_osediff/(\S+\.png) \| (.*)", text):
+        per_image[name] = {k.lower(): float(v) for k, v in re.findall(r"(\w+): ([\d.]+)", fields)}
+    avg_line = text.split("===== Average Metrics")[1].splitlines()[1]
+    average = {k.lower(): float(v) for k, v in re.findall(r"(\w+): ([\d.]+)", avg_line)}
+    return average, per_image
+
+
+@needs_data
+@pytest.mark.parametrize("dataset", SETS)
+def test_osediff_outputs_reproduce_logged_metrics(dataset):
+    average, per_image = osediff_log(dataset)
+    result = evaluate_folders(DATA / dataset / "results_osediff", DATA / dataset / "test_HR", metrics=["psnr", "ssim", "niqe"], progress=False)
+    assert result["count"] == len(per_image)
+    ours = result["average"]
+    assert round(ours["psnr"], 4) == average["psnr"]
+    assert round(ours["ssim"], 4) == average["ssim"]
+    assert abs(ours["niqe"] - average["niqe"]) < 0.01
+    for row in result["per_image"]:
+        ref = per_image[row["image"]]
+        assert abs(row["psnr"] - ref["psnr"]) < 1e-4 and abs(row["ssim"] - ref["ssim"]) < 1e-5
+        assert abs(row["niqe"] - ref["niqe"]) < 0.05
+    print(format_table({f"OSEDiff {dataset}": result}))
+
+
+def test_metrics_without_weights_are_reported_not_fatal(monkeypatch, tmp_path):
+    monkeypatch.setattr("tinysr.metrics.torch_hub_dir", lambda: tmp_path)
+    suite = MetricSuite(["psnr", "lpips", "musiq"], allow_download=False)
+    import torch
+
+    x = torch.rand(1, 3, 32, 32)
+    scores = suite.score(x, x)
+    assert scores == {"psnr": pytest.approx(80, abs=1)}  # pyiqa's eps caps identical images
+    assert "LPIPS_v0.1_alex-df73285e.pth" in suite.unavailable["lpips"] and str(tmp_path) in suite.unavailable["lpips"]
+    assert "musiq_koniq_ckpt" in suite.unavailable["musiq"]
+    with pytest.raises(ValueError, match="unknown metrics"):
+        MetricSuite(["psnr", "sharpness"])
+
+
+@needs_data
+def test_eval_cli_writes_json_and_csv(tmp_path):
+    src = DATA / "RealSRVal_crop128"
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    names = sorted(p.name for p in (src / "results_osediff").glob("*.png"))[:3]
+    for n in names:
+        shutil.copy(src / "results_osediff" / n, pred / n)
+        shutil.copy(src / "test_HR" / n, gt / n)
+    out_json, out_csv = tmp_path / "m.json", tmp_path / "m.csv"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "tinysr", "eval", "--pred", pred, "--gt", gt, "--metrics", "psnr,ssim,niqe,lpips", "--json", out_json, "--csv", out_csv],
+        cwd=root, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out_json.read_text())
+    assert list(result["average"]) == ["psnr", "ssim", "niqe"]
+    assert [row["image"] for row in result["per_image"]] == names
+    assert "lpips" in result["unavailable"]
+    assert out_csv.read_text().splitlines()[0] == "image,psnr,ssim,niqe"
+    assert "PSNR^" in r.stdout and "lpips unavailable" in r.stdout
+
+
+def test_pairing_refuses_unmatched(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "p" / "a.png")
+    with pytest.raises(ImageError, match="no ground truth"):
+        pair_files(tmp_path / "p", tmp_path / "g")
