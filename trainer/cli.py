@@ -1,0 +1,35 @@
+"""`python -m trainer STAGE --config trainer/configs/NAME.yaml [key=value ...] [--resume latest]`.
+
+The same command runs under `accelerate launch -m trainer ...` on several GPUs or nodes.
+`STAGE` may be `all`, which runs the chain vae-encoder -> ... -> export in order.
+"""
+
+import argparse
+import sys
+
+from .config import CHAIN, STAGES, ConfigError, check, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=[*STAGES, "all"])
+    parser.add_argument("--config", required=True, help="YAML file, e.g. trainer/configs/demo.yaml")
+    parser.add_argument("--resume", default=None, help="`latest` or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="config overrides like stages.distill-1.steps=10")
+    args = parser.parse_intermixed_args(argv)
+    stages = list(CHAIN) if args.stage == "all" else [args.stage]
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check(cfg, stages)
+        from .stages import STAGE_FUNCTIONS, stage_function
+
+        missing = [s for s in stages if s not in STAGE_FUNCTIONS]
+        if missing:
+            raise ConfigError(f"stage {missing[0]} is not implemented yet")
+        for stage in stages:
+            out = stage_function(stage)(cfg, stage, args.resume)
+            print(f"[{stage}] done -> {out}", flush=True)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

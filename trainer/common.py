@@ -1,0 +1,100 @@
+"""Pieces several stages share: the paired dataset, the frozen teacher, where each stage leaves its output."""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from tinysr.imageio import load_image
+from tinysr.latent_cache import INDEX, LatentCacheDataset, paired_images
+from tinysr.models import TinyAutoencoder
+from tinysr.pipelines.base import vae_encode
+
+from .run import stage_dir
+
+FINAL = "final"
+
+
+class PairDataset(Dataset):
+    """Degraded pairs as `{"name", "lq_up", "gt"}` in [-1, 1]; the LQ is bicubic-upscaled to the GT size.
+
+    Pairs larger than `crop` are centre-cropped (the random 512 crops were taken by `degrade`).
+    """
+
+    def __init__(self, pairs_dir, crop: int, scale: int = 4):
+        self.pairs = paired_images(Path(pairs_dir))
+        self.crop, self.scale = crop, scale
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        name, lq_path, gt_path = self.pairs[i]
+        gt, lq = load_image(gt_path).rgb, load_image(lq_path).rgb
+        c, s = self.crop, self.scale
+        top, left = max((lq.shape[1] - c // s) // 2, 0), max((lq.shape[2] - c // s) // 2, 0)
+        lq = lq[:, top : top + c // s, left : left + c // s]
+        gt = gt[:, top * s : top * s + c, left * s : left * s + c]
+        lq_up = F.interpolate(lq[None], size=gt.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        return {"name": name, "lq_up": lq_up * 2 - 1, "gt": gt * 2 - 1}
+
+
+def final_dir(cfg, stage: str) -> Path:
+    return stage_dir(cfg, stage) / FINAL
+
+
+def require(path: Path, made_by: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the `{made_by}` stage first (python -m trainer {made_by} --config ...)")
+    return path
+
+
+def load_teacher(cfg, device):
+    """The frozen TSD-SR teacher pipeline (fp32 weights; mixed precision comes from accelerate)."""
+    from tinysr.pipelines import load_pipeline
+
+    teacher = load_pipeline(cfg.teacher, device=device, dtype="fp32")
+    teacher.transformer.requires_grad_(False)
+    teacher.vae.requires_grad_(False)
+    return teacher
+
+
+def load_pretrained_vae(cfg, teacher):
+    """E_pre: the pretrained SD3 VAE (without TSD-SR's LoRA) when configured, else the teacher's VAE."""
+    if not cfg.pretrained_vae:
+        return teacher.vae
+    from diffusers import AutoencoderKL
+
+    from tinysr.weights import resolve_folder
+
+    folder = resolve_folder(cfg.pretrained_vae, what="pretrained VAE")
+    sub = "vae" if (folder / "vae" / "config.json").is_file() else None
+    return AutoencoderKL.from_pretrained(folder, subfolder=sub).to(teacher.device).eval().requires_grad_(False)
+
+
+def load_tiny_vae(cfg, stage: str = "vae-decoder") -> TinyAutoencoder:
+    return TinyAutoencoder.from_pretrained(require(final_dir(cfg, stage) / "vae", stage))
+
+
+def new_tiny_vae(cfg) -> TinyAutoencoder:
+    return TinyAutoencoder(**cfg.tiny_vae)
+
+
+class TeacherLatents:
+    """z_tea = E_tea(x) - eps_tea(E_tea(x)) for a batch, from the latent cache when it holds the pair."""
+
+    def __init__(self, cfg, teacher):
+        self.teacher = teacher
+        cache = Path(cfg.data.cache) if cfg.data.cache else stage_dir(cfg, "cache")
+        self.cache = LatentCacheDataset(cache) if (cache / INDEX).is_file() else None
+        self.rows = {name: i for i, (_, _, name) in enumerate(self.cache.items)} if self.cache else {}
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.rows and all(n in self.rows for n in batch["name"]):
+            z = torch.stack([self.cache[self.rows[n]]["teacher"] for n in batch["name"]])
+            return z.to(batch["lq_up"].device)
+        t = self.teacher
+        z = vae_encode(t.vae, batch["lq_up"]) * t.vae.config.scaling_factor
+        return z - t.predict(z)

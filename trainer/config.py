@@ -1,0 +1,128 @@
+"""Typed training configuration: YAML files plus `key=value` overrides, checked before any heavy work.
+
+OmegaConf structured configs reject unknown keys and wrong types; `check` adds the semantic
+checks (paths that must exist, choices) so a bad config fails in a second, not an hour in.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = (
+    "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
+    "prune-shortgpt", "prune-tinyfusion", "token-prune",
+)
+CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class StageConfig:
+    """Optimisation and loss settings of one stage; each stage reads the fields it needs."""
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    disc_lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_rank: int = 64
+    ema_decay: float = 0.0
+    checkpoint_every: int = 0  # 0: only the final checkpoint
+    log_every: int = 1
+    # loss weights (paper: decoder 3 LPIPS + 1 GAN; search 1/1; stage 2: 5 L1 + 1 LPIPS + 0.3 GAN)
+    w_mse: float = 0.0
+    w_l1: float = 0.0
+    w_lpips: float = 0.0
+    w_gan: float = 0.0
+    perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
+    discriminator: str = "conv"  # conv | dino-projected
+    decoder_input: str = "lq"  # Eq. A.2 decodes LR latents; `hq` decodes HR latents
+    # pruning search (TinyFusion-style)
+    keep_per_group: int = 2
+    group_size: int = 4
+    couple_pairs: bool = True
+    temperature_start: float = 4.0
+    temperature_end: float = 0.1
+    logit_scale: float = 100.0
+    calibration_batches: int = 8
+    token_keep: float = 1.0  # token-prune ablation: fraction of prompt tokens kept
+
+
+@dataclass
+class DataConfig:
+    pairs: str = MISSING  # folder with gt/ and lq/ (python -m tinysr degrade)
+    cache: str = ""  # latent cache folder; built by the `cache` stage when empty
+    crop: int = 512  # GT crop; the LQ crop is a quarter of it
+    num_workers: int = 0
+
+
+@dataclass
+class TinyVAEConfig:
+    channels: int = 64
+    num_stages: int = 3
+    blocks_per_stage: int = 3
+    encoder_separable: bool = True
+    decoder_separable: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 80
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    teacher: str = MISSING  # TSD-SR pipeline: our folder, hub id or `tsdsr`
+    pretrained_vae: str = ""  # E_pre (SD3's VAE without TSD-SR's LoRA); empty: the teacher's VAE
+    tiny_vae: TinyVAEConfig = field(default_factory=TinyVAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    """Schema <- YAML <- `a.b=c` overrides, with every error turned into one readable ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (see trainer/configs/)")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{path}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
+    return cfg
+
+
+def check(cfg: DictConfig, stages: list[str]) -> None:
+    """Semantic checks for the stages about to run."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown} in config; known: {', '.join(STAGES)}")
+    for stage in stages:
+        if stage not in cfg.stages:
+            raise ConfigError(f"the config has no `stages.{stage}` section")
+        s = cfg.stages[stage]
+        if s.steps < 1 or s.batch_size < 1 or s.grad_accum < 1 or s.lr <= 0:
+            raise ConfigError(f"stages.{stage}: steps, batch_size, grad_accum must be >= 1 and lr > 0")
+        for key, choices in (("perceptual", ("stlpips", "lpips-vgg", "lpips-alex")), ("discriminator", ("conv", "dino-projected")), ("decoder_input", ("lq", "hq"))):
+            if s[key] not in choices:
+                raise ConfigError(f"stages.{stage}.{key} must be one of {', '.join(choices)}, got {s[key]!r}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    try:
+        pairs = Path(cfg.data.pairs)
+    except OmegaConfBaseException:
+        raise ConfigError("data.pairs is required: a folder with gt/ and lq/ made by `python -m tinysr degrade`") from None
+    if not (pairs / "gt").is_dir() or not (pairs / "lq").is_dir():
+        raise ConfigError(f"data.pairs={pairs} has no gt/ and lq/ folders; make them with `python -m tinysr degrade`")
+    if cfg.data.crop % 32:
+        raise ConfigError(f"data.crop must be a multiple of 32, got {cfg.data.crop}")

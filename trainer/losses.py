@@ -1,0 +1,112 @@
+"""Perceptual losses and discriminators, pluggable by name (images in [-1, 1]).
+
+`stlpips` (shift-tolerant LPIPS) and the `conv` discriminator work offline; `lpips-*` need
+torchvision backbone and pyiqa LPIPS weights, `dino-projected` needs DINO ViT-S/16 weights.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinysr.errors import MissingWeightsError
+from tinysr.metrics import METRICS, missing_files
+
+
+def perceptual_loss(kind: str) -> nn.Module:
+    """A frozen module mapping (pred, target) in [-1, 1] to a scalar distance."""
+    if kind == "stlpips":
+        from stlpips_pytorch import stlpips
+
+        net = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False)
+        return _Frozen(net, lambda n, a, b: n(a, b).mean())
+    if kind in ("lpips-vgg", "lpips-alex"):
+        spec = METRICS["lpips"]
+        name = "lpips-vgg" if kind == "lpips-vgg" else "lpips"
+        files = ("pyiqa/LPIPS_v0.1_vgg-a78928a0.pth", "checkpoints/vgg16-397923af.pth") if kind == "lpips-vgg" else spec.files
+        missing = missing_files(type(spec)(name, "fr", True, files))
+        if missing:
+            raise MissingWeightsError(", ".join(missing), [str(torch.hub.get_dir())], f"{kind} needs these weights; or use perceptual=stlpips (ships its weights).")
+        import pyiqa
+
+        metric = pyiqa.create_metric(name, as_loss=True, device="cpu")
+        return _Frozen(metric, lambda n, a, b: n((a + 1) / 2, (b + 1) / 2).mean())
+    raise ValueError(f"unknown perceptual loss {kind!r}")
+
+
+class _Frozen(nn.Module):
+    def __init__(self, net: nn.Module, fn):
+        super().__init__()
+        self.net, self.fn = net.eval().requires_grad_(False), fn
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, pred, target):
+        return self.fn(self.net, pred, target)
+
+
+class ConvDiscriminator(nn.Module):
+    """PatchGAN discriminator with spectral norm, trained from scratch (works offline)."""
+
+    def __init__(self, channels: int = 64, layers: int = 4):
+        super().__init__()
+        sn = nn.utils.spectral_norm
+        blocks, c = [sn(nn.Conv2d(3, channels, 4, 2, 1)), nn.LeakyReLU(0.2)], channels
+        for _ in range(layers - 1):
+            blocks += [sn(nn.Conv2d(c, c * 2, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            c *= 2
+        blocks.append(sn(nn.Conv2d(c, 1, 3, 1, 1)))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class DinoProjectedDiscriminator(nn.Module):
+    """Frozen DINO ViT-S/16 features from several depths, each judged by a small trainable head."""
+
+    def __init__(self, layers=(2, 5, 8, 11), model_name: str = "vit_small_patch16_224.dino"):
+        super().__init__()
+        import timm
+
+        try:
+            self.backbone = timm.create_model(model_name, pretrained=True, dynamic_img_size=True)
+        except Exception as e:
+            raise MissingWeightsError(
+                f"timm/{model_name}", ["HF cache"], f"dino-projected needs DINO weights ({type(e).__name__}); or use discriminator=conv."
+            ) from None
+        self.backbone.eval().requires_grad_(False)
+        self.layers = tuple(layers)
+        dim = self.backbone.embed_dim
+        sn = nn.utils.spectral_norm
+        self.heads = nn.ModuleList(
+            nn.Sequential(sn(nn.Conv1d(dim, 64, 1)), nn.LeakyReLU(0.2), sn(nn.Conv1d(64, 1, 1))) for _ in self.layers
+        )
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x):
+        x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", antialias=True)
+        feats = self.backbone.forward_intermediates((x - self.mean) / self.std, indices=list(self.layers), intermediates_only=True, output_fmt="NLC")
+        return torch.cat([head(f.transpose(1, 2)) for head, f in zip(self.heads, feats)], dim=2)
+
+
+def make_discriminator(kind: str) -> nn.Module:
+    if kind == "conv":
+        return ConvDiscriminator()
+    if kind == "dino-projected":
+        return DinoProjectedDiscriminator()
+    raise ValueError(f"unknown discriminator {kind!r}")
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def hinge_g_loss(fake_logits):
+    return -fake_logits.mean()

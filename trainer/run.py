@@ -1,0 +1,143 @@
+"""What every stage's loop shares: accelerate setup, seeded batches, atomic checkpoints, logs.
+
+A stage writes its own loop (nanoGPT style) and calls into a `TrainingRun` for the plumbing:
+
+    run = TrainingRun(cfg, "distill-1", resume)
+    model, opt = run.prepare(model, opt)
+    for step in run.steps():
+        batch = run.batch(dataset, step)
+        ... loss.backward via run.accelerator ...
+        run.log(step, loss=loss.item(), lr=lr)
+    run.finish()
+
+Batches and any noise are drawn from generators seeded by (seed, step), so a resumed run
+sees exactly what an uninterrupted one would have seen.
+"""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+CHECKPOINTS = "checkpoints"
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    return Path(cfg.output_dir) / cfg.name / stage
+
+
+class TrainingRun:
+    def __init__(self, cfg, stage: str, resume: str | None = None):
+        self.cfg, self.stage = cfg, stage
+        self.scfg = cfg.stages[stage]
+        self.dir = stage_dir(cfg, stage)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            gradient_accumulation_steps=self.scfg.grad_accum,
+            log_with="tensorboard",
+            project_dir=str(self.dir),
+        )
+        set_seed(cfg.seed)
+        self.accelerator.init_trackers("tb")
+        self.start_step = 0
+        self.resume_from = self._find_checkpoint(resume) if resume else None
+        self._t0 = time.perf_counter()
+        self._last_step_time = self._t0
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ----- setup -----
+    def prepare(self, *objects):
+        """accelerator.prepare, then restore the checkpoint being resumed (weights, optimisers, RNG)."""
+        prepared = self.accelerator.prepare(*objects)
+        if self.resume_from is not None:
+            self.accelerator.load_state(str(self.resume_from))
+            self.start_step = json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
+            self._truncate_log(self.start_step)
+            self.accelerator.print(f"[{self.stage}] resumed from {self.resume_from} at step {self.start_step}")
+        return prepared
+
+    def _find_checkpoint(self, resume: str) -> Path | None:
+        if resume != "latest":
+            path = Path(resume)
+            if not (path / "trainer_state.json").is_file():
+                raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+            return path
+        complete = sorted((self.dir / CHECKPOINTS).glob("step-*[0-9]")) if (self.dir / CHECKPOINTS).is_dir() else []
+        complete = [p for p in complete if (p / "trainer_state.json").is_file()]
+        return complete[-1] if complete else None
+
+    # ----- the loop -----
+    def steps(self):
+        return range(self.start_step + 1, self.scfg.steps + 1)
+
+    def generator(self, step: int, salt: int = 0) -> torch.Generator:
+        """A CPU generator for this step (and process), independent of everything that came before."""
+        return torch.Generator().manual_seed(hash((self.cfg.seed, step, salt, self.accelerator.process_index)) & 0x7FFF_FFFF)
+
+    def batch(self, dataset, step: int, batch_size: int | None = None) -> dict:
+        """A batch drawn with this step's generator (with replacement across steps, like random cropping)."""
+        n = batch_size or self.scfg.batch_size
+        idx = torch.randint(len(dataset), (n,), generator=self.generator(step))
+        items = [dataset[int(i)] for i in idx]
+        out = {}
+        for key in items[0]:
+            values = [item[key] for item in items]
+            out[key] = torch.stack(values).to(self.device) if isinstance(values[0], torch.Tensor) else values
+        return out
+
+    def log(self, step: int, **scalars) -> None:
+        now = time.perf_counter()
+        scalars = {k: float(v) for k, v in scalars.items()}
+        scalars["images_per_s"] = self.scfg.batch_size * self.accelerator.num_processes / max(now - self._last_step_time, 1e-9)
+        self._last_step_time = now
+        if step % self.scfg.log_every == 0 or step == self.scfg.steps:
+            self.accelerator.log(scalars, step=step)
+            if self.is_main:
+                with open(self.dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps({"stage": self.stage, "step": step, "time": round(now - self._t0, 3), **scalars}) + "\n")
+        every = self.scfg.checkpoint_every
+        if every and step % every == 0 and step != self.scfg.steps:
+            self.save_checkpoint(step)
+
+    def _truncate_log(self, step: int) -> None:
+        path = self.dir / "log.jsonl"
+        if self.is_main and path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    # ----- checkpoints -----
+    def save_checkpoint(self, step: int) -> Path:
+        """accelerate state into `step-N.part`, then renamed: a checkpoint folder is complete or absent."""
+        final = self.dir / CHECKPOINTS / f"step-{step:07d}"
+        tmp = final.with_name(final.name + ".part")
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        if self.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "stage": self.stage}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def finish(self) -> None:
+        self.save_checkpoint(self.scfg.steps)
+        self.accelerator.end_training()
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)

@@ -1,0 +1,21 @@
+"""Stage name -> the function that runs it (`fn(cfg, stage, resume) -> output folder`)."""
+
+import importlib
+
+STAGE_FUNCTIONS = {
+    "vae-encoder": "vae:run_vae_encoder",
+    "vae-decoder": "vae:run_vae_decoder",
+    "cache": "export:run_cache",
+    "prune-search": "pruning:run_prune_search",
+    "prune-tinyfusion": "pruning:run_prune_search",
+    "prune-shortgpt": "pruning:run_prune_shortgpt",
+    "prune-export": "pruning:run_prune_export",
+    "distill-1": "distill:run_distill",
+    "distill-2": "distill:run_distill",
+    "export": "export:run_export",
+}
+
+
+def stage_function(stage: str):
+    module, name = STAGE_FUNCTIONS[stage].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

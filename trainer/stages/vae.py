@@ -1,0 +1,96 @@
+"""The tiny VAE (paper A.2), trained in the teacher's latent space.
+
+vae-encoder: MSE(E_tiny(x_LR), E_pre(x_LR)), unscaled SD3 latents.
+vae-decoder: 3 LPIPS(D_tiny(E_pre(x)), x_HR) + 1 GAN, x = x_LR by default (Eq. A.2 as printed)
+or x_HR with `decoder_input: hq`; a discriminator trains beside it.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tinysr.pipelines.base import vae_encode
+
+from ..common import FINAL, PairDataset, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae
+from ..losses import hinge_d_loss, hinge_g_loss, make_discriminator, perceptual_loss
+from ..run import TrainingRun
+
+
+def run_vae_encoder(cfg, stage: str, resume: str | None = None):
+    run = TrainingRun(cfg, stage, resume)
+    s = run.scfg
+    e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
+    vae = new_tiny_vae(cfg)
+    vae.decoder.requires_grad_(False)
+    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    params = list(vae.encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    encoder, opt = run.prepare(vae.encoder, opt)  # the trained half is what DDP wraps
+    for step in run.steps():
+        batch = run.batch(data, step)
+        with torch.no_grad():
+            target = vae_encode(e_pre, batch["lq_up"])
+        with run.accelerator.accumulate(encoder):
+            loss = F.mse_loss(encoder(batch["lq_up"]).float(), target.float())
+            run.accelerator.backward(loss)
+            if run.accelerator.sync_gradients:
+                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+    run.finish()
+    if run.is_main:
+        vae.save_pretrained(run.dir / FINAL / "vae")
+    return run.dir / FINAL
+
+
+def run_vae_decoder(cfg, stage: str, resume: str | None = None):
+    run = TrainingRun(cfg, stage, resume)
+    s = run.scfg
+    e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
+    vae = load_tiny_vae(cfg, "vae-encoder")
+    vae.encoder.requires_grad_(False)
+    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    params = list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    use_gan = s.w_gan > 0
+    if use_gan:
+        disc = make_discriminator(s.discriminator)
+        disc_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr)
+        decoder, opt, disc, disc_opt = run.prepare(vae.decoder, opt, disc, disc_opt)
+    else:
+        decoder, opt = run.prepare(vae.decoder, opt)
+    lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
+    source = "lq_up" if s.decoder_input == "lq" else "gt"
+    for step in run.steps():
+        batch = run.batch(data, step)
+        with torch.no_grad():
+            z = vae_encode(e_pre, batch[source])
+        with run.accelerator.accumulate(decoder):
+            image = decoder(z)
+            loss, logs = 0.0, {}
+            if lpips is not None:
+                p = lpips(image.float(), batch["gt"].float())
+                loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
+            if s.w_l1 > 0:
+                l1 = F.l1_loss(image.float(), batch["gt"].float())
+                loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
+            if use_gan:
+                g = hinge_g_loss(disc(image))
+                loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
+            run.accelerator.backward(loss)
+            if run.accelerator.sync_gradients:
+                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if use_gan:
+            with run.accelerator.accumulate(disc):
+                d = hinge_d_loss(disc(batch["gt"]), disc(image.detach()))
+                run.accelerator.backward(d)
+                disc_opt.step()
+                disc_opt.zero_grad(set_to_none=True)
+            logs["gan_d"] = d.item()
+        run.log(step, loss=loss.detach().item(), lr=opt.param_groups[0]["lr"], **logs)
+    run.finish()
+    if run.is_main:
+        vae.save_pretrained(run.dir / FINAL / "vae")
+    return run.dir / FINAL
