@@ -33,9 +33,9 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     lora_rank: int = 64
-    ema_decay: float = 0.0
     checkpoint_every: int = 0  # 0: only the final checkpoint
     log_every: int = 1
+    overfit_batch: bool = False  # always the first batch_size pairs: a quick check that a stage can learn
     # loss weights (paper: decoder 3 LPIPS + 1 GAN; search 1/1; stage 2: 5 L1 + 1 LPIPS + 0.3 GAN)
     w_mse: float = 0.0
     w_l1: float = 0.0

@@ -90,7 +90,10 @@ class TrainingRun:
     def batch(self, dataset, step: int, batch_size: int | None = None) -> dict:
         """A batch drawn with this step's generator (with replacement across steps, like random cropping)."""
         n = batch_size or self.scfg.batch_size
-        idx = torch.randint(len(dataset), (n,), generator=self.generator(step))
+        if self.scfg.overfit_batch:
+            idx = torch.arange(n) % len(dataset)
+        else:
+            idx = torch.randint(len(dataset), (n,), generator=self.generator(step))
         items = [dataset[int(i)] for i in idx]
         out = {}
         for key in items[0]:

@@ -31,7 +31,7 @@ def run_export(cfg, stage: str, resume: str | None = None):
     pipe = TinySRPipeline(transformer, load_tiny_vae(cfg), device="cpu")
     out = stage_dir(cfg, stage)
     pipe.save_pretrained(out)
-    decision = final_dir(cfg, "prune-export") / "transformer" / "decision.json"
+    decision = final_dir(cfg, "prune-export") / "decision.json"
     if decision.is_file():
         (out / "pruning.json").write_text(decision.read_text())
     (out / "training.json").write_text(json.dumps({"config": cfg.name, "teacher": cfg.teacher}, indent=2) + "\n")
