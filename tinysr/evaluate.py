@@ -54,7 +54,7 @@ def evaluate_folders(pred_dir, gt_dir=None, metrics=None, device=None, progress=
         pairs = [(p.stem, p, None) for p in list_images([pred_dir])]
     rows = []
     with state.split_between_processes(pairs) as mine:
-        for stem, pred_path, gt_path in tqdm(mine, desc="metrics", unit="img", disable=not (progress and state.is_main_process), file=sys.stderr):
+        for _, pred_path, gt_path in tqdm(mine, desc="metrics", unit="img", disable=not (progress and state.is_main_process), file=sys.stderr):
             pred = read_rgb(pred_path)
             gt = read_rgb(gt_path) if gt_path is not None else None
             if gt is not None and gt.shape != pred.shape:

@@ -93,7 +93,7 @@ class DinoProjectedDiscriminator(nn.Module):
     def forward(self, x):
         x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", antialias=True)
         feats = self.backbone.forward_intermediates((x - self.mean) / self.std, indices=list(self.layers), intermediates_only=True, output_fmt="NLC")
-        return torch.cat([head(f.transpose(1, 2)) for head, f in zip(self.heads, feats)], dim=2)
+        return torch.cat([head(f.transpose(1, 2)) for head, f in zip(self.heads, feats, strict=True)], dim=2)
 
 
 def make_discriminator(kind: str) -> nn.Module:
