@@ -94,3 +94,30 @@ def test_pairing_refuses_unmatched(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "p" / "a.png")
     with pytest.raises(ImageError, match="no ground truth"):
         pair_files(tmp_path / "p", tmp_path / "g")
+
+
+def small_set(tmp_path, n=4):
+    src = DATA / "RealSRVal_crop128"
+    lr, gt = tmp_path / "lr", tmp_path / "gt"
+    lr.mkdir()
+    gt.mkdir()
+    for name in sorted(p.name for p in (src / "test_LR").glob("*.png"))[:n]:
+        shutil.copy(src / "test_LR" / name, lr / name)
+        shutil.copy(src / "test_HR" / name, gt / name)
+    return lr, gt
+
+
+@needs_data
+@pytest.mark.parametrize("processes", [1, 2])
+def test_eval_runs_a_model_first_also_split_over_processes(tmp_path, processes):
+    lr, gt = small_set(tmp_path)
+    args = ["-m", "tinysr", "eval", "--model", "bicubic", "--lr", lr, "--gt", gt, "--out", tmp_path / "sr", "--metrics", "psnr,ssim", "--json", tmp_path / "m.json"]
+    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    r = subprocess.run([*launcher, *map(str, args)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert result["count"] == 4 and len(list((tmp_path / "sr").glob("*.png"))) == 4
+    direct = evaluate_folders(tmp_path / "sr", gt, metrics=["psnr", "ssim"], progress=False)
+    assert result["average"] == pytest.approx(direct["average"])
+    assert "bicubic: 4 images" in r.stderr
