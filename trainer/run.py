@@ -45,6 +45,7 @@ class TrainingRun:
         )
         set_seed(cfg.seed)
         self.accelerator.init_trackers("tb")
+        self.accelerator.register_save_state_pre_hook(self._drop_frozen_parameters)
         self.start_step = 0
         self.resume_from = self._find_checkpoint(resume) if resume else None
         self._t0 = time.perf_counter()
@@ -63,7 +64,7 @@ class TrainingRun:
         """accelerator.prepare, then restore the checkpoint being resumed (weights, optimisers, RNG)."""
         prepared = self.accelerator.prepare(*objects)
         if self.resume_from is not None:
-            self.accelerator.load_state(str(self.resume_from))
+            self.accelerator.load_state(str(self.resume_from), strict=False)
             self.start_step = json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
             self._truncate_log(self.start_step)
             self.accelerator.print(f"[{self.stage}] resumed from {self.resume_from} at step {self.start_step}")
@@ -122,6 +123,14 @@ class TrainingRun:
             path.write_text("".join(r + "\n" for r in rows))
 
     # ----- checkpoints -----
+    @staticmethod
+    def _drop_frozen_parameters(models, weights, output_dir) -> None:
+        """Checkpoints hold what training changes; frozen weights (a 2 B teacher copy) are rebuilt on resume."""
+        for model, state in zip(models, weights, strict=True):
+            frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+            for key in frozen & set(state):
+                del state[key]
+
     def save_checkpoint(self, step: int) -> Path:
         """accelerate state into `step-N.part`, then renamed: a checkpoint folder is complete or absent."""
         final = self.dir / CHECKPOINTS / f"step-{step:07d}"
