@@ -51,6 +51,7 @@ def workspace(tmp_path_factory):
             "distill-1": {**TINY_STAGE, "steps": 12, "lr": 1e-3, "w_l1": 1.0, "checkpoint_every": 4},
             "distill-2": {**TINY_STAGE, "steps": 4, "lr": 1e-4, "w_l1": 5.0, "w_lpips": 1.0, "w_gan": 0.3},
             "export": {},
+            "token-prune": {},
         },
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(config))
@@ -160,3 +161,18 @@ def test_accelerate_two_processes_on_cpu(workspace, chain):
     rows = [json.loads(line) for line in (workspace / "runs" / "ddp" / "distill-1" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
     assert (workspace / "runs" / "ddp" / "distill-1" / "final" / "transformer" / "config.json").is_file()
+
+
+def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):
+    cfg = str(workspace / "tiny.yaml")
+    common = ["stages.token-prune.batch_size=2", "stages.token-prune.calibration_batches=2"]
+    assert trainer_main(["token-prune", "--config", cfg, "stages.token-prune.token_keep=0.6", *common]) == 0
+    out = workspace / "runs" / "tiny" / "token-prune" / "final"
+    report = json.loads((out / "token_importance.json").read_text())
+    importance = np.array(report["importance"])
+    assert len(importance) == 5 and (importance > 0).all() and importance.sum() < 1  # a share of softmax mass
+    assert report["kept_tokens"] == sorted(np.argsort(-importance)[:3].tolist())
+    pruned, teacher = TSDSRPipeline.from_pretrained(out), TSDSRPipeline.from_pretrained(workspace / "teacher")
+    assert torch.equal(pruned.prompt_embeds[0], teacher.prompt_embeds[0, report["kept_tokens"]])
+    assert trainer_main(["token-prune", "--config", cfg, "stages.token-prune.token_keep=1.0", *common]) == 0
+    assert torch.equal(TSDSRPipeline.from_pretrained(out).prompt_embeds, teacher.prompt_embeds)

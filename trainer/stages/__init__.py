@@ -13,6 +13,7 @@ STAGE_FUNCTIONS = {
     "distill-1": "distill:run_distill",
     "distill-2": "distill:run_distill",
     "export": "export:run_export",
+    "token-prune": "token_prune:run_token_prune",
 }
 
 
