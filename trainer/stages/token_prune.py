@@ -34,9 +34,8 @@ def prompt_token_importance(teacher: TSDSRPipeline, latents: list[torch.Tensor])
             for i, block in enumerate(blocks):
                 attn = block.attn
                 q, k_img, k_txt = (captured[(i, n)] for n in ("to_q", "to_k", "add_k_proj"))
-                b, heads = q.shape[0], attn.heads
-                split = lambda t: t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
-                q, k_img, k_txt = split(q), split(k_img), split(k_txt)
+                b = q.shape[0]
+                q, k_img, k_txt = (t.view(b, t.shape[1], attn.heads, -1).transpose(1, 2) for t in (q, k_img, k_txt))
                 if attn.norm_q is not None:
                     q, k_img = attn.norm_q(q), attn.norm_k(k_img)
                 if attn.norm_added_k is not None:
