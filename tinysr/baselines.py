@@ -18,8 +18,8 @@ from PIL import Image
 
 from .color import COLOR_FIXES, apply_color_fix
 from .device import dtype_name, parse_dtype, pick_device, synchronize
-from .errors import ImageError, MissingWeightsError, NumericalError, WrongModelError
-from .imageio import LoadedImage, load_image
+from .errors import MissingWeightsError, NumericalError, WrongModelError
+from .imageio import as_loaded_image
 from .pipelines.base import SCALE, SRResult
 from .tiling import tiled_map
 
@@ -100,7 +100,7 @@ class BaselineUpscaler:
         color_fix = color_fix or self.default_color_fix
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
-        loaded = self._as_loaded(image, max_pixels)
+        loaded = as_loaded_image(image, max_pixels)
         timings: dict = {}
         start = time.perf_counter()
         rgb = loaded.rgb[None].float()
@@ -115,17 +115,6 @@ class BaselineUpscaler:
             alpha = bicubic_x4(loaded.alpha[None].float())[0]  # alpha is always 8-bit
         timings["total"] = time.perf_counter() - start
         return SRResult(y[0], timings, dtype_name(self.dtype), alpha, loaded.grayscale, loaded.bit_depth)
-
-    @staticmethod
-    def _as_loaded(image, max_pixels) -> LoadedImage:
-        if isinstance(image, LoadedImage):
-            return image
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) == 0:
-                raise ImageError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
-            return LoadedImage(image.detach().float().cpu().clamp(0, 1), None, False, 8)
-        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-        return load_image(image, **kwargs)
 
 
 class BicubicUpscaler(BaselineUpscaler):

@@ -72,6 +72,17 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     return LoadedImage(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), alpha, grayscale, depth)
 
 
+def as_loaded_image(image, max_pixels: int | None = None) -> LoadedImage:
+    """A path, PIL image, LoadedImage, or (3, H, W) float tensor in [0, 1], as a LoadedImage."""
+    if isinstance(image, LoadedImage):
+        return image
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) == 0:
+            raise ImageError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+        return LoadedImage(image.detach().float().cpu().clamp(0, 1), None, False, 8)
+    return load_image(image, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
+
+
 def to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None, grayscale: bool = False, bit_depth: int = 8) -> Image.Image:
     """CHW float in [0, 1] back to Pillow: grayscale inputs stay grayscale (16-bit stays 16-bit)."""
     arr = rgb.clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()

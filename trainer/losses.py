@@ -104,6 +104,16 @@ def make_discriminator(kind: str) -> nn.Module:
     raise ValueError(f"unknown discriminator {kind!r}")
 
 
+def discriminator_step(accelerator, disc, disc_opt, real, fake) -> float:
+    """One hinge-loss update of the discriminator on real images and (detached) generated ones."""
+    with accelerator.accumulate(disc):
+        d = hinge_d_loss(disc(real), disc(fake.detach()))
+        accelerator.backward(d)
+        disc_opt.step()
+        disc_opt.zero_grad(set_to_none=True)
+    return d.item()
+
+
 def hinge_d_loss(real_logits, fake_logits):
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 

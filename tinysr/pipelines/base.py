@@ -17,8 +17,8 @@ from PIL import Image
 
 from ..color import COLOR_FIXES, apply_color_fix
 from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, synchronize
-from ..errors import ImageError, NumericalError
-from ..imageio import LoadedImage, load_image, to_pil
+from ..errors import NumericalError
+from ..imageio import as_loaded_image, to_pil
 from ..tiling import tiled_map
 
 SCALE = 4
@@ -191,7 +191,7 @@ class OneStepSRPipeline:
         tile_size = min(tile_size, self.max_latent_tile)
         tile_size -= tile_size % self.latent_multiple
         tile_overlap = min(tile_overlap, tile_size // 2)
-        loaded = self._as_loaded(image, max_pixels)
+        loaded = as_loaded_image(image, max_pixels)
         timings: dict = {}
         start = time.perf_counter()
         rgb = loaded.rgb[None].float()
@@ -223,17 +223,6 @@ class OneStepSRPipeline:
                 alpha = F.interpolate(loaded.alpha[None], size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)[0]
         timings["total"] = time.perf_counter() - start
         return SRResult(y[0], timings, dtype_name(self.dtype), alpha, loaded.grayscale, loaded.bit_depth)
-
-    @staticmethod
-    def _as_loaded(image, max_pixels) -> LoadedImage:
-        if isinstance(image, LoadedImage):
-            return image
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) == 0:
-                raise ImageError(f"expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
-            return LoadedImage(image.float().clamp(0, 1), None, False, 8)
-        kwargs = {} if max_pixels is None else {"max_pixels": max_pixels}
-        return load_image(image, **kwargs)
 
     @staticmethod
     def _fp16_failed(y: torch.Tensor, x: torch.Tensor) -> bool:

@@ -13,7 +13,7 @@ from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
 
 from ..common import FINAL, PairDataset, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require
-from ..losses import hinge_d_loss, hinge_g_loss, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, hinge_g_loss, make_discriminator, perceptual_loss
 from ..run import TrainingRun
 
 STUDENT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -90,12 +90,7 @@ def run_distill(cfg, stage: str, resume: str | None = None):
             opt.step()
             opt.zero_grad(set_to_none=True)
         if use_gan:
-            with run.accelerator.accumulate(disc):
-                d = hinge_d_loss(disc(batch["gt"]), disc(image.detach()))
-                run.accelerator.backward(d)
-                disc_opt.step()
-                disc_opt.zero_grad(set_to_none=True)
-            logs["gan_d"] = d.item()
+            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
     run.finish()
     save_student(run, student)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tinysr.pipelines.base import vae_encode
 
 from ..common import FINAL, PairDataset, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae
-from ..losses import hinge_d_loss, hinge_g_loss, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, hinge_g_loss, make_discriminator, perceptual_loss
 from ..run import TrainingRun
 
 
@@ -83,12 +83,7 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
             opt.step()
             opt.zero_grad(set_to_none=True)
         if use_gan:
-            with run.accelerator.accumulate(disc):
-                d = hinge_d_loss(disc(batch["gt"]), disc(image.detach()))
-                run.accelerator.backward(d)
-                disc_opt.step()
-                disc_opt.zero_grad(set_to_none=True)
-            logs["gan_d"] = d.item()
+            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.detach().item(), lr=opt.param_groups[0]["lr"], **logs)
     run.finish()
     if run.is_main:
