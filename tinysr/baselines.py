@@ -9,7 +9,6 @@ import importlib.util
 import os
 import struct
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from .color import COLOR_FIXES, apply_color_fix
-from .device import dtype_name, parse_dtype, pick_device, synchronize
+from .device import dtype_name, parse_dtype, pick_device, timed
 from .errors import MissingWeightsError, NumericalError, WrongModelError
 from .imageio import as_loaded_image
 from .pipelines.base import SCALE, SRResult
@@ -81,14 +80,6 @@ class BaselineUpscaler:
     def upscale(self, x: torch.Tensor, tile_size, tile_overlap, bit_depth: int, timings: dict) -> torch.Tensor:
         """(1, 3, H, W) float32 in [0, 1] on the CPU -> (1, 3, 4H, 4W) float32 in [0, 1] on the CPU."""
         raise NotImplementedError
-
-    @contextmanager
-    def _timed(self, timings: dict, stage: str):
-        synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        synchronize(self.device)
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
     @torch.no_grad()
     def __call__(self, image, *, color_fix: str | None = None, tile_size=None, tile_overlap=None, max_pixels=None, **ignored):
@@ -309,7 +300,7 @@ class RealESRGANUpscaler(BaselineUpscaler):
             raise ValueError("need tile_size >= 8 and 0 <= tile_overlap < tile_size (input pixels)")
         overlap = min(overlap, tile // 2)
         x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
-        with self._timed(timings, "network"):
+        with timed(timings, "network", self.device):
             y = tiled_map(self._forward, x, tile, overlap, x_scale=1, y_scale=SCALE)
         return y.float().cpu()
 

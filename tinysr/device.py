@@ -1,5 +1,8 @@
 """Device and precision choices shared by pipelines, CLI and benchmark."""
 
+import time
+from contextlib import contextmanager
+
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,3 +51,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+@contextmanager
+def timed(timings: dict, stage: str, device: torch.device):
+    """Add the seconds spent in the block to `timings[stage]`, waiting for queued GPU work at both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    yield
+    synchronize(device)
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start

@@ -6,7 +6,6 @@ Subclasses only say how to predict the noise (`predict`) and how they are stored
 import json
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 from ..color import COLOR_FIXES, apply_color_fix
-from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, synchronize
+from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, timed
 from ..errors import NumericalError
 from ..imageio import as_loaded_image, to_pil
 from ..tiling import tiled_map
@@ -141,26 +140,18 @@ class OneStepSRPipeline:
     def num_parameters(self) -> dict:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
-    @contextmanager
-    def _timed(self, timings: dict, stage: str):
-        synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        synchronize(self.device)
-        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-
     @torch.no_grad()
     def _run(self, x: torch.Tensor, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings) -> torch.Tensor:
         """x: (1, 3, H, W) in [-1, 1], H and W multiples of the VAE and patch size; returns [-1, 1]."""
         down = vae_downscale(self.vae)
         scale = self.vae.config.scaling_factor
         x = x.to(self.device, self.dtype, memory_format=torch.channels_last)
-        with self._timed(timings, "encode"):
+        with timed(timings, "encode", self.device):
             z = tiled_map(lambda t: vae_encode(self.vae, t), x, vae_tile_size, vae_tile_overlap, x_scale=down) * scale
-        with self._timed(timings, "transformer"):
+        with timed(timings, "transformer", self.device):
             pred = tiled_map(self.predict, z, tile_size, tile_overlap, align=self.latent_multiple)
             z = z - pred
-        with self._timed(timings, "decode"):
+        with timed(timings, "decode", self.device):
             z = (z / scale).contiguous(memory_format=torch.channels_last)
             y = tiled_map(lambda t: vae_decode(self.vae, t), z, vae_tile_size, vae_tile_overlap, y_scale=down)
         return y.float()
@@ -197,7 +188,7 @@ class OneStepSRPipeline:
         rgb = loaded.rgb[None].float()
         h, w = rgb.shape[-2:]
         ph, pw = processing_size(h, w)
-        with self._timed(timings, "preprocess"):
+        with timed(timings, "preprocess", self.device):
             upscaled = F.interpolate(rgb, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
             multiple = vae_downscale(self.vae) * self.latent_multiple
             x = pad_to_multiple(upscaled * 2 - 1, multiple)
@@ -212,7 +203,7 @@ class OneStepSRPipeline:
             y = self._run(x, *args)
         if not torch.isfinite(y).all():
             raise NumericalError(f"the model produced NaN/inf in {dtype_name(self.dtype)}; check the weights")
-        with self._timed(timings, "postprocess"):
+        with timed(timings, "postprocess", self.device):
             y = ((y[..., :ph, :pw].clamp(-1, 1) + 1) / 2).cpu()
             y = apply_color_fix(y, upscaled, color_fix)
             out_size = (h * SCALE, w * SCALE)
