@@ -176,3 +176,29 @@ def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):
     assert torch.equal(pruned.prompt_embeds[0], teacher.prompt_embeds[0, report["kept_tokens"]])
     assert trainer_main(["token-prune", "--config", cfg, "stages.token-prune.token_keep=1.0", *common]) == 0
     assert torch.equal(TSDSRPipeline.from_pretrained(out).prompt_embeds, teacher.prompt_embeds)
+
+
+def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace):
+    """demo-base-vae + demo-teacher (the bundled weights' stand-ins for SD3's VAE and TSD-SR) on a fixed batch."""
+    from tests.conftest import TINY_KL, TINY_SD3
+
+    cfg = str(workspace / "tiny.yaml")
+    standins = [
+        f"standins.vae={json.dumps({**TINY_KL, 'scaling_factor': 1.0})}",
+        f"standins.transformer={json.dumps(TINY_SD3)}",
+        "standins.prompt_tokens=3",
+    ]
+    stage = {"lr": 3e-3, "steps": 10, "batch_size": 2, "log_every": 1, "overfit_batch": True}
+    args = [
+        f"stages.demo-base-vae={json.dumps({**stage, 'w_l1': 1.0, 'w_lpips': 0.5, 'w_kl': 1e-6})}",
+        f"stages.demo-teacher={json.dumps({**stage, 'w_l1': 1.0, 'w_lpips': 1.0, 'w_gan': 0.1})}",
+    ]
+    for name in ("demo-base-vae", "demo-teacher"):
+        assert trainer_main([name, "--config", cfg, *standins, *args]) == 0
+    assert falls([r["l1"] for r in log_rows(workspace, "demo-base-vae")])
+    assert falls([r["l1"] for r in log_rows(workspace, "demo-teacher")])
+    vae_config = json.loads((workspace / "runs" / "tiny" / "demo-base-vae" / "final" / "vae" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 1.0  # set from the latents' spread
+    teacher = TSDSRPipeline.from_pretrained(workspace / "runs" / "tiny" / "demo-teacher" / "final")
+    assert teacher.prompt_embeds.shape == (1, 3, TINY_SD3["joint_attention_dim"])
+    assert teacher(random_image(16, 16)).image.shape == (3, 64, 64)

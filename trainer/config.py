@@ -6,13 +6,14 @@ checks (paths that must exist, choices) so a bad config fails in a second, not a
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
-    "prune-shortgpt", "prune-tinyfusion", "token-prune",
+    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-base-vae", "demo-teacher",
 )
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
 
@@ -41,6 +42,7 @@ class StageConfig:
     w_l1: float = 0.0
     w_lpips: float = 0.0
     w_gan: float = 0.0
+    w_kl: float = 0.0
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
     discriminator: str = "conv"  # conv | dino-projected
     decoder_input: str = "lq"  # Eq. A.2 decodes LR latents; `hq` decodes HR latents
@@ -73,6 +75,15 @@ class TinyVAEConfig:
 
 
 @dataclass
+class StandInConfig:
+    """Demo only: diffusers configs of the small base VAE and teacher trained in place of SD3 / TSD-SR."""
+
+    vae: dict[str, Any] = field(default_factory=dict)  # AutoencoderKL(**vae)
+    transformer: dict[str, Any] = field(default_factory=dict)  # SD3Transformer2DModel(**transformer)
+    prompt_tokens: int = 16
+
+
+@dataclass
 class TrainerConfig:
     name: str = "run"
     output_dir: str = "runs"
@@ -83,6 +94,7 @@ class TrainerConfig:
     tiny_vae: TinyVAEConfig = field(default_factory=TinyVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
+    standins: StandInConfig = field(default_factory=StandInConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
@@ -116,6 +128,9 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
         for key, choices in (("perceptual", ("stlpips", "lpips-vgg", "lpips-alex")), ("discriminator", ("conv", "dino-projected")), ("decoder_input", ("lq", "hq"))):
             if s[key] not in choices:
                 raise ConfigError(f"stages.{stage}.{key} must be one of {', '.join(choices)}, got {s[key]!r}")
+    for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
+        if stage in stages and not cfg.standins[part]:
+            raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     try:

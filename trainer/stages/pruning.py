@@ -24,15 +24,7 @@ from tinysr.convert import tinysr_transformer_from_sd3
 from tinysr.device import pick_device
 from tinysr.pipelines.base import TIMESTEP, vae_encode
 
-from ..common import (
-    FINAL,
-    PairDataset,
-    TeacherLatents,
-    final_dir,
-    load_teacher,
-    load_tiny_vae,
-    require,
-)
+from ..common import FINAL, PairDataset, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require
 from ..losses import perceptual_loss
 from ..run import TrainingRun, stage_dir
 

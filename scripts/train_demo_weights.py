@@ -1,0 +1,99 @@
+"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 1-2 h on 2 CPU cores).
+
+Photos from Debian packages -> degraded pairs -> stand-in base VAE and teacher -> the paper's chain
+(tiny VAE, cache, pruning search, export, distill-1, distill-2, export) with trainer/configs/demo.yaml,
+then the teacher and student are written in fp16 to assets/weights/. Every step is a separate
+command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint).
+`scripts/report_demo_weights.py` then measures them and writes the model cards.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.config import CHAIN  # noqa: E402
+
+CONFIG = "trainer/configs/demo.yaml"
+RUN = ROOT / "runs" / "demo"
+PHOTOS = ROOT / "runs" / "photos"
+PAIRS = ROOT / "runs" / "demo-pairs"
+SYNTHETIC = ROOT / "runs" / "demo-synthetic"
+WEIGHTS = ROOT / "assets" / "weights"
+SEED = 80
+TRAIN_CROP, CROPS_PER_PHOTO = 128, 32
+TEST_CROP, TEST_CROPS_PER_PHOTO, TEST_SEED = 512, 2, 81
+
+
+def publish(source: Path, target: Path) -> None:
+    """fp16 copy of a pipeline folder (what ships), plus the JSON files training left beside it."""
+    from tinysr.pipelines import load_pipeline
+
+    tmp = target.with_name(target.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    load_pipeline(str(source), device="cpu").save_pretrained(tmp, dtype="fp16")
+    for extra in ("pruning.json", "training.json"):
+        if (source / extra).is_file():
+            shutil.copy(source / extra, tmp / extra)
+    if (target / "README.md").is_file():
+        shutil.copy(target / "README.md", tmp / "README.md")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def steps() -> list[tuple[str, list[str] | None]]:
+    py, trainer = [sys.executable], [sys.executable, "-m", "trainer"]
+    degrade = [*py, "-m", "tinysr", "degrade"]
+    cfg = ["--config", CONFIG, "--resume", "latest"]
+    return [
+        ("photos", [*py, "scripts/fetch_photos.py", str(PHOTOS)]),
+        ("pairs", [*degrade, str(PHOTOS / "train"), "-o", str(PAIRS), "--crop", str(TRAIN_CROP), "--per-image", str(CROPS_PER_PHOTO), "--seed", str(SEED)]),
+        ("synthetic", [*degrade, str(PHOTOS / "test"), "-o", str(SYNTHETIC), "--crop", str(TEST_CROP), "--per-image", str(TEST_CROPS_PER_PHOTO), "--seed", str(TEST_SEED)]),
+        ("demo-base-vae", [*trainer, "demo-base-vae", *cfg]),
+        ("demo-teacher", [*trainer, "demo-teacher", *cfg]),
+        ("publish-teacher", None),
+        *[(stage, [*trainer, stage, *cfg]) for stage in CHAIN],
+        ("publish-student", None),
+    ]
+
+
+def first_last_loss(stage: str) -> dict:
+    log = RUN / stage / "log.jsonl"
+    if not log.is_file():
+        return {}
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line]
+    return {"steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]} if rows else {}
+
+
+def main() -> int:
+    names = [name for name, _ in steps()]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="start", choices=names, default=names[0])
+    args = parser.parse_args()
+    timings_path = RUN / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() and args.start != names[0] else {}
+    for name, command in steps()[names.index(args.start) :]:
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        if name == "publish-teacher":
+            publish(RUN / "demo-teacher" / "final", WEIGHTS / "tsdsr-demo")
+        elif name == "publish-student":
+            publish(RUN / "export", WEIGHTS / "tinysr-demo")
+        else:
+            subprocess.run(command, cwd=ROOT, check=True)
+        timings[name] = {"wall_s": round(time.perf_counter() - start, 1), **first_last_loss(name)}
+        RUN.mkdir(parents=True, exist_ok=True)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    total = sum(t["wall_s"] for n, t in timings.items() if n not in ("photos", "pairs", "synthetic"))
+    print(f"training and publishing: {total / 60:.1f} min; per step in {timings_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

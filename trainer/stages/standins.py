@@ -1,0 +1,144 @@
+"""Demo-scale stand-ins for the pretrained models the paper starts from (no hub access here).
+
+demo-base-vae: a small AutoencoderKL trained as an autoencoder on the training photos, in place
+of SD3's VAE: L1 + LPIPS reconstruction plus a weak KL term; its scaling factor is set from the
+latents it produces, as SD3's was.
+demo-teacher: a small SD3Transformer2DModel with one fixed random "prompt", trained for one-step
+4x SR in that latent space (z_lq - eps(z_lq) ~ z_hq, plus LPIPS and GAN through the frozen VAE
+decoder), in place of TSD-SR. It writes a TSD-SR pipeline folder, which the real chain then
+uses as its teacher exactly as it would use the converted TSD-SR release.
+"""
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from omegaconf import OmegaConf
+
+from tinysr.pipelines import TSDSRPipeline
+from tinysr.pipelines.base import vae_decode, vae_encode
+
+from ..common import FINAL, PairDataset, final_dir, require
+from ..losses import discriminator_step, hinge_g_loss, make_discriminator, perceptual_loss
+from ..run import TrainingRun
+
+SCALING_BATCHES = 8
+
+
+class ReconstructionWithKL(torch.nn.Module):
+    """One forward for reconstruction and KL, so DDP sees (and syncs) the whole graph."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, generator):
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample(generator=generator)
+        return self.vae.decode(z).sample, posterior.kl().mean() / z[0].numel()
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, data, run: TrainingRun) -> float:
+    """1 / std of posterior means over a few batches: unit-variance latents, the SD3 convention."""
+    z = torch.cat([vae_encode(vae, run.batch(data, -1 - i)["gt"]) for i in range(SCALING_BATCHES)])
+    return float(1.0 / z.std())
+
+
+def run_base_vae(cfg, stage: str, resume: str | None = None):
+    run = TrainingRun(cfg, stage, resume)
+    s = run.scfg
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**OmegaConf.to_container(cfg.standins.vae)).to(memory_format=torch.channels_last)
+    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    model, opt = run.prepare(ReconstructionWithKL(vae), opt)
+    lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
+    for step in run.steps():
+        batch = run.batch(data, step)
+        # both clean photos and degraded inputs: the teacher's VAE encodes the latter at inference
+        x = torch.cat([batch["gt"], batch["lq_up"]]).contiguous(memory_format=torch.channels_last)
+        with run.accelerator.accumulate(model):
+            y, kl = model(x, run.generator(step, salt=1))
+            l1 = F.l1_loss(y.float(), x.float())
+            loss, logs = s.w_l1 * l1 + s.w_kl * kl, {"l1": l1.item(), "kl": kl.item()}
+            if lpips is not None:
+                p = lpips(y.float(), x.float())
+                loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
+            run.accelerator.backward(loss)
+            if run.accelerator.sync_gradients:
+                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+    run.finish()
+    if run.is_main:
+        vae = run.unwrap(model).vae.eval()
+        vae.register_to_config(scaling_factor=latent_scaling_factor(vae, data, run))
+        vae.save_pretrained(run.dir / FINAL / "vae")
+    return run.dir / FINAL
+
+
+def fixed_condition(cfg, transformer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's one "prompt": seeded random embeddings, fixed for training and inference alike."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    c = transformer.config
+    prompt = torch.randn(1, cfg.standins.prompt_tokens, c.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, c.pooled_projection_dim, generator=g)
+    return prompt, pooled
+
+
+def run_teacher(cfg, stage: str, resume: str | None = None):
+    run = TrainingRun(cfg, stage, resume)
+    s = run.scfg
+    vae = AutoencoderKL.from_pretrained(require(final_dir(cfg, "demo-base-vae") / "vae", "demo-base-vae"))
+    vae.to(run.device).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
+    transformer = SD3Transformer2DModel(**OmegaConf.to_container(cfg.standins.transformer))
+    prompt, pooled = fixed_condition(cfg, transformer)
+    # the pipeline is the training graph too: its `predict` is what inference will run
+    pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device)
+    transformer.train().requires_grad_(True)  # the pipeline froze it for inference
+    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    params = list(transformer.parameters())
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    use_gan = s.w_gan > 0
+    if use_gan:
+        disc = make_discriminator(s.discriminator)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=s.disc_lr)
+        model, opt, disc, disc_opt = run.prepare(transformer, opt, disc, disc_opt)
+    else:
+        model, opt = run.prepare(transformer, opt)
+    pipe.transformer = model
+    lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
+    scale = vae.config.scaling_factor
+    for step in run.steps():
+        batch = run.batch(data, step)
+        with torch.no_grad():
+            z_lq = vae_encode(vae, batch["lq_up"]) * scale
+            z_hq = vae_encode(vae, batch["gt"]) * scale
+        with run.accelerator.accumulate(model):
+            z = z_lq - pipe.predict(z_lq)
+            l1 = F.l1_loss(z.float(), z_hq.float())
+            loss, logs = s.w_l1 * l1, {"l1": l1.item()}
+            if lpips is not None or use_gan:
+                image = vae_decode(vae, z / scale)
+            if lpips is not None:
+                p = lpips(image.float(), batch["gt"].float())
+                loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
+            if use_gan:
+                g = hinge_g_loss(disc(image))
+                loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
+            run.accelerator.backward(loss)
+            if run.accelerator.sync_gradients:
+                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if use_gan:
+            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
+        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+    run.finish()
+    if run.is_main:
+        pipe.transformer = run.unwrap(model).eval()
+        pipe.save_pretrained(run.dir / FINAL)
+    return run.dir / FINAL
