@@ -120,3 +120,15 @@ def hinge_d_loss(real_logits, fake_logits):
 
 def hinge_g_loss(fake_logits):
     return -fake_logits.mean()
+
+
+def image_losses(image, gt, s, lpips: nn.Module | None, disc: nn.Module | None, logs: dict):
+    """The image-space terms several stages add: w_lpips * LPIPS + w_gan * hinge generator loss."""
+    loss = 0.0
+    if lpips is not None:
+        p = lpips(image.float(), gt.float())
+        loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
+    if disc is not None:
+        g = hinge_g_loss(disc(image))
+        loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
+    return loss

@@ -6,7 +6,9 @@ A stage writes its own loop (nanoGPT style) and calls into a `TrainingRun` for t
     model, opt = run.prepare(model, opt)
     for step in run.steps():
         batch = run.batch(dataset, step)
-        ... loss.backward via run.accelerator ...
+        with run.accelerator.accumulate(model):
+            loss = ...
+            run.optimizer_step(loss, opt, params)
         run.log(step, loss=loss.item(), lr=lr)
     run.finish()
 
@@ -101,6 +103,14 @@ class TrainingRun:
             values = [item[key] for item in items]
             out[key] = torch.stack(values).to(self.device) if isinstance(values[0], torch.Tensor) else values
         return out
+
+    def optimizer_step(self, loss, opt, params) -> None:
+        """Backward, clip (on the step that syncs), step, zero: call inside `accelerator.accumulate`."""
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(params, self.scfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def log(self, step: int, **scalars) -> None:
         now = time.perf_counter()

@@ -13,7 +13,7 @@ from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
 
 from ..common import FINAL, PairDataset, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require
-from ..losses import discriminator_step, hinge_g_loss, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_discriminator, perceptual_loss
 from ..run import TrainingRun
 
 STUDENT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -78,17 +78,8 @@ def run_distill(cfg, stage: str, resume: str | None = None):
             loss, logs = w_l1 * l1, {"l1": l1.item()}
             if stage == "distill-2":
                 image = tiny_vae.decode(z / tiny_vae.config.scaling_factor)
-                if lpips is not None:
-                    p = lpips(image.float(), batch["gt"].float())
-                    loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
-                if use_gan:
-                    g = hinge_g_loss(disc(image))
-                    loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                loss = loss + image_losses(image, batch["gt"], s, lpips, disc if use_gan else None, logs)
+            run.optimizer_step(loss, opt, params)
         if use_gan:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)

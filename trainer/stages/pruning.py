@@ -291,11 +291,7 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
             if lpips is not None:
                 p = lpips(tiny_vae.decode(z_stu / sf).float(), batch["gt"].float())
                 loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(lora_params, s.max_grad_norm)  # the logits are not clipped
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run.optimizer_step(loss, opt, lora_params)  # the logits are not clipped
         kept = masks.kept_blocks()
         if kept != last:
             run.accelerator.print(f"[{stage}] step {step}: kept blocks {kept}")

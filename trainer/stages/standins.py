@@ -18,7 +18,7 @@ from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import vae_decode, vae_encode
 
 from ..common import FINAL, PairDataset, final_dir, require
-from ..losses import discriminator_step, hinge_g_loss, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_discriminator, perceptual_loss
 from ..run import TrainingRun
 
 SCALING_BATCHES = 8
@@ -65,11 +65,7 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
             if lpips is not None:
                 p = lpips(y.float(), x.float())
                 loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run.optimizer_step(loss, opt, params)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
     run.finish()
     if run.is_main:
@@ -123,17 +119,8 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
             loss, logs = s.w_l1 * l1, {"l1": l1.item()}
             if lpips is not None or use_gan:
                 image = vae_decode(vae, z / scale)
-            if lpips is not None:
-                p = lpips(image.float(), batch["gt"].float())
-                loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
-            if use_gan:
-                g = hinge_g_loss(disc(image))
-                loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                loss = loss + image_losses(image, batch["gt"], s, lpips, disc if use_gan else None, logs)
+            run.optimizer_step(loss, opt, params)
         if use_gan:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tinysr.pipelines.base import vae_encode
 
 from ..common import FINAL, PairDataset, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae
-from ..losses import discriminator_step, hinge_g_loss, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_discriminator, perceptual_loss
 from ..run import TrainingRun
 
 
@@ -31,11 +31,7 @@ def run_vae_encoder(cfg, stage: str, resume: str | None = None):
             target = vae_encode(e_pre, batch["lq_up"])
         with run.accelerator.accumulate(encoder):
             loss = F.mse_loss(encoder(batch["lq_up"]).float(), target.float())
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run.optimizer_step(loss, opt, params)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
     run.finish()
     if run.is_main:
@@ -67,21 +63,12 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
             z = vae_encode(e_pre, batch[source])
         with run.accelerator.accumulate(decoder):
             image = decoder(z)
-            loss, logs = 0.0, {}
-            if lpips is not None:
-                p = lpips(image.float(), batch["gt"].float())
-                loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
+            logs = {}
+            loss = image_losses(image, batch["gt"], s, lpips, disc if use_gan else None, logs)
             if s.w_l1 > 0:
                 l1 = F.l1_loss(image.float(), batch["gt"].float())
                 loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
-            if use_gan:
-                g = hinge_g_loss(disc(image))
-                loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run.optimizer_step(loss, opt, params)
         if use_gan:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.detach().item(), lr=opt.param_groups[0]["lr"], **logs)
