@@ -9,7 +9,7 @@ import io
 import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,28 @@ class DegradationConfig:
     gray_noise_prob2: float = 0.4
     jpeg_range2: tuple[float, float] = (30.0, 95.0)
     final_sinc_prob: float = 0.8
+
+    def with_strength(self, strength: float) -> "DegradationConfig":
+        """Blur sigmas and noise levels times `strength`, JPEG quality loss (100 - q) times `strength`.
+
+        1 keeps Real-ESRGAN's ranges; the app's strength slider uses this.
+        """
+        if not 0 < strength <= 4:
+            raise ValueError(f"strength must be in (0, 4], got {strength}")
+
+        def times(r):
+            return (r[0] * strength, r[1] * strength)
+
+        def quality(r):
+            return tuple(float(np.clip(100 - (100 - q) * strength, 5, 100)) for q in r)
+
+        return replace(
+            self,
+            blur_sigma=times(self.blur_sigma), blur_sigma2=times(self.blur_sigma2),
+            noise_range=times(self.noise_range), noise_range2=times(self.noise_range2),
+            poisson_scale_range=times(self.poisson_scale_range), poisson_scale_range2=times(self.poisson_scale_range2),
+            jpeg_range=quality(self.jpeg_range), jpeg_range2=quality(self.jpeg_range2),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- kernels

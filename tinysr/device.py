@@ -61,3 +61,48 @@ def timed(timings: dict, stage: str, device: torch.device):
     yield
     synchronize(device)
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+class PeakMemory:
+    """Peak memory of the block: allocator peak on CUDA; on CPU the process RSS peak above its start,
+    sampled every few milliseconds (the allocator keeps no statistics there)."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device, self.interval_s = torch.device(device), interval_s
+        self.peak_bytes = 0
+
+    @property
+    def kind(self) -> str:
+        return "CUDA allocator peak" if self.device.type == "cuda" else "process RSS increase"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        import threading
+
+        import psutil
+
+        process = psutil.Process()
+        self._base = self._peak = process.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(self.interval_s):
+                self._peak = max(self._peak, process.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = self._peak - self._base
+        return False

@@ -112,11 +112,11 @@ class MetricSuite:
         return self._metrics[name]
 
     @torch.no_grad()
-    def score(self, pred: torch.Tensor, gt: torch.Tensor | None = None) -> dict[str, float]:
+    def score(self, pred: torch.Tensor, gt: torch.Tensor | None = None, names=None) -> dict[str, float]:
         """Per-image scores for (1, 3, H, W) RGB tensors in [0, 1]; full-reference metrics need `gt`."""
         pred = pred.to(self.device).float().clamp(0, 1)
         out = {}
-        for name in self.names:
+        for name in names or self.names:
             kind = METRICS[name].kind
             if kind == "fid" or (kind == "fr" and gt is None):
                 continue
