@@ -54,6 +54,18 @@ JOB = TrainingJob()
 OUTPUTS = Path(tempfile.mkdtemp(prefix="tinysr-app-"))
 
 
+class ImageUpload(gr.Image):
+    """gr.Image whose upload reaches the app as the unopened file, so an unreadable one gets our message
+    (gr.Image itself opens uploads with Pillow and converts them to RGB: no 16-bit, CMYK or errors of ours)."""
+
+    is_template = True  # rendered by gr.Image's frontend
+
+    def preprocess(self, payload):
+        if payload is None or payload.path is None:
+            return super().preprocess(payload)
+        return payload.path
+
+
 def model_label(name: str) -> str:
     """Dropdown label that says which weights a name resolves to, demo scale included."""
     if name not in NAMED_MODELS:
@@ -251,7 +263,10 @@ def run_bench(lr_dir, gt_dir, models, metrics, max_images, progress=gr.Progress(
             notes.append(f"- {TITLES[name]} skipped: {str(e).splitlines()[0]}")
             continue
         timing = upscale_folder(pipe, subset, work / name, progress=False)
-        result = evaluate_folders(work / name, gt, metrics=list(metrics), progress=False, suite=MetricSuite(list(metrics), device="cpu"))
+        try:
+            result = evaluate_folders(work / name, gt, metrics=list(metrics), progress=False, suite=MetricSuite(list(metrics), device="cpu"))
+        except (RuntimeError, ValueError, TinySRError) as e:  # e.g. NIQE on images under 96 px
+            raise gr.Error(f"Scoring {TITLES[name]} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         rows.append({"model": TITLES[name], **{k: round(v, 4) for k, v in result["average"].items()}, "s/image": round(timing["wall_s"] / len(files), 2)})
         notes += [f"- {m.upper()} unavailable: {why}" for m, why in result["unavailable"].items() if f"- {m.upper()}" not in "".join(notes)]
     table = pd.DataFrame(rows)
@@ -355,7 +370,7 @@ def build_demo() -> gr.Blocks:
         with gr.Tab("Upscale"):
             with gr.Row():
                 with gr.Column():
-                    image = gr.Image(type="filepath", label="Low-resolution input", sources=["upload", "clipboard"], elem_id="lr-input")
+                    image = ImageUpload(type="filepath", label="Low-resolution input", sources=["upload", "clipboard"], elem_id="lr-input")
                     gr.Examples(EXAMPLES, inputs=image)
                 with gr.Column():
                     left = gr.Dropdown(choices, value="tinysr", label="Left model")
@@ -366,7 +381,7 @@ def build_demo() -> gr.Blocks:
                         tile = gr.Slider(16, 128, value=64, step=8, label="Latent tile size (8 px each)")
                         overlap = gr.Slider(0, 32, value=8, step=2, label="Latent tile overlap")
                         precision = gr.Dropdown(["fp32", "fp16", "bf16"], value="fp32", label="Precision")
-                    gt = gr.Image(type="filepath", label="Ground truth (optional, 4x the input): adds PSNR/SSIM/LPIPS/DISTS")
+                    gt = ImageUpload(type="filepath", label="Ground truth (optional, 4x the input): adds PSNR/SSIM/LPIPS/DISTS")
                     run = gr.Button("Upscale x4", variant="primary")
             slider = gr.ImageSlider(label="Comparison", type="pil", format="png", elem_id="comparison")
             with gr.Row():
@@ -392,7 +407,7 @@ def build_demo() -> gr.Blocks:
                 "full-reference metrics are against the clean crop."
             )
             with gr.Row():
-                clean = gr.Image(type="filepath", label="Clean photo", sources=["upload", "clipboard"])
+                clean = ImageUpload(type="filepath", label="Clean photo", sources=["upload", "clipboard"])
                 with gr.Column():
                     seed = gr.Number(80, precision=0, label="Seed")
                     strength = gr.Slider(0.25, 2.0, value=1.0, step=0.05, label="Strength (1 = Real-ESRGAN's ranges)")

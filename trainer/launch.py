@@ -73,7 +73,7 @@ class LaunchRequest:
         launcher += ["--num_machines", "1", "--mixed_precision", self.mixed_precision, "--dynamo_backend", "no"]
         if use_cpu:
             launcher.append("--cpu")
-        config = ["--config", str(CONFIG_DIR / self.config), f"mixed_precision={self.mixed_precision}"]
+        config = ["--config", str(CONFIG_DIR / self.config), f'mixed_precision="{self.mixed_precision}"']  # quoted: YAML reads a bare no as false
         return [*launcher, "-m", "trainer", self.stage, *config, *overrides]
 
 
