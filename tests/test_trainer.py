@@ -1,5 +1,6 @@
 """The training stages on tiny models: configs, losses that fall, checkpoints, resume, the demo chain."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -79,6 +80,11 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
     (tmp_path / "partial.yaml").write_text(yaml.safe_dump(partial))
     with pytest.raises(ConfigError, match="no `stages.distill-1`"):
         check(load_config(tmp_path / "partial.yaml"), ["distill-1"])
+    with pytest.raises(ConfigError, match="unknown tracker"):
+        check(load_config(cfg, ["report_to=[tensorboard,mlflow]"]), ["distill-1"])
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="wandb is not installed"):
+            check(load_config(cfg, ["report_to=[wandb]"]), ["distill-1"])
     assert trainer_main(["distill-1", "--config", str(cfg), "stages.distill-1.lr=-1"]) == 2
 
 

@@ -4,6 +4,7 @@ OmegaConf structured configs reject unknown keys and wrong types; `check` adds t
 checks (paths that must exist, choices) so a bad config fails in a second, not an hour in.
 """
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ class TrainerConfig:
     output_dir: str = "runs"
     seed: int = 80
     mixed_precision: str = "no"  # no | fp16 | bf16
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (optional package)
     teacher: str = MISSING  # TSD-SR pipeline: our folder, hub id or `tsdsr`
     pretrained_vae: str = ""  # E_pre (SD3's VAE without TSD-SR's LoRA); empty: the teacher's VAE
     tiny_vae: TinyVAEConfig = field(default_factory=TinyVAEConfig)
@@ -131,6 +133,11 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
         if stage in stages and not cfg.standins[part]:
             raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")
+    for tracker in cfg.report_to:
+        if tracker not in ("tensorboard", "wandb"):
+            raise ConfigError(f"report_to: unknown tracker {tracker!r}; choose tensorboard and/or wandb")
+        if importlib.util.find_spec(tracker) is None:
+            raise ConfigError(f"report_to: {tracker} is not installed (pip install {tracker})")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
     try:

@@ -42,11 +42,11 @@ class TrainingRun:
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=self.scfg.grad_accum,
-            log_with="tensorboard",
+            log_with=list(cfg.report_to),
             project_dir=str(self.dir),
         )
         set_seed(cfg.seed)
-        self.accelerator.init_trackers("tb")
+        self.accelerator.init_trackers(f"{cfg.name}-{stage}")
         self.accelerator.register_save_state_pre_hook(self._drop_frozen_parameters)
         self.start_step = 0
         self.resume_from = self._find_checkpoint(resume) if resume else None
