@@ -1,6 +1,6 @@
-"""TSD-SR vs TinySR at paper size with random weights: parameters, MACs, per-stage latency.
+"""TSD-SR vs TinySR at paper size with random weights (or loaded ones): parameters, MACs, per-stage latency.
 
-Weights do not change cost, so nothing is downloaded. Stages are timed on the model path only
+Weights do not change cost, so nothing is downloaded for the paper-size numbers. Stages are timed on the model path only
 (encode, transformer, decode of the bicubic-upscaled image); each reported latency is the median
 of `repeats` runs after one warm-up, and every ratio comes from the same run.
 """
@@ -16,7 +16,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from .device import dtype_name, half_dtype, parse_dtype, pick_device, synchronize
 from .models import TinyAutoencoder, TinySRTransformer
 from .pipelines import TinySRPipeline, TSDSRPipeline
-from .pipelines.base import vae_decode, vae_encode
 
 SD3_MEDIUM_TRANSFORMER = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
@@ -33,7 +32,12 @@ TINY_TRANSFORMER = dict(sample_size=32, num_attention_heads=2, attention_head_di
 
 
 def build_pipelines(scale: str, device) -> dict:
-    """Random-weight TSD-SR and TinySR of the paper's architectures (or tiny ones for a smoke test)."""
+    """Random-weight TSD-SR and TinySR of the paper's architectures (or tiny ones for a smoke test),
+    or with `loaded` the models `tsdsr` and `tinysr` resolve to (the bundled demo weights unless configured)."""
+    if scale == "loaded":
+        from .pipelines import load_pipeline
+
+        return {"TSD-SR": load_pipeline("tsdsr", device=device), "TinySR": load_pipeline("tinysr", device=device)}
     if scale == "paper":
         sd3 = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
         vae = AutoencoderKL(**SD3_MEDIUM_VAE)
@@ -53,14 +57,9 @@ def build_pipelines(scale: str, device) -> dict:
 
 
 def stage_fns(pipe, x):
-    """Closures for the three stages; decode gets a latent of the right shape (its cost ignores values)."""
-    scale = pipe.vae.config.scaling_factor
-    z = vae_encode(pipe.vae, x) * scale
-    return {
-        "encode": lambda: vae_encode(pipe.vae, x),
-        "transformer": lambda: pipe.predict(z),
-        "decode": lambda: vae_decode(pipe.vae, z / scale),
-    }
+    """Closures for the pipeline's three stages with its default tiles (one tile each at paper size, 128 -> 512)."""
+    z = pipe.encode_latents(x)
+    return {"encode": lambda: pipe.encode_latents(x), "transformer": lambda: pipe.predict_tiled(z), "decode": lambda: pipe.decode_latents(z)}
 
 
 def count_macs(fn) -> int:
@@ -85,7 +84,7 @@ def time_fn(fn, device, repeats: int) -> float:
 def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper", log=print) -> dict:
     device = pick_device(device)
     dtypes = [parse_dtype(d) for d in dtypes] if dtypes else [torch.float32, half_dtype(device)]
-    log(f"building {scale}-size TSD-SR and TinySR with random weights on {device} ...")
+    log(f"building TSD-SR and TinySR ({'loaded weights' if scale == 'loaded' else scale + ' size, random weights'}) on {device} ...")
     pipes = build_pipelines(scale, device)
     out = size * 4
     results = {
@@ -126,7 +125,7 @@ def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper"
 
 
 def format_table(r: dict) -> str:
-    lines = [f"device: {r['device']}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({r['scale']} size, random weights)"]
+    lines = [f"device: {r['device']}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"]
     names = list(r["models"])
     header = f"{'':34s}" + "".join(f"{n:>14s}" for n in names)
     lines += [header, "-" * len(header)]

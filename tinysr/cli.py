@@ -120,7 +120,8 @@ def add_bench(sub):
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per stage (median reported)")
     p.add_argument("--dtypes", default=None, help="comma list; default fp32 plus fp16 (CUDA/MPS) or bf16 (CPU)")
-    p.add_argument("--scale", choices=["paper", "tiny"], default="paper", help="tiny: small configs, a smoke test")
+    p.add_argument("--scale", choices=["paper", "tiny", "loaded"], default="paper",
+                   help="tiny: small configs, a smoke test; loaded: the weights `tsdsr` and `tinysr` resolve to")
     p.set_defaults(func=run_bench)
 
 

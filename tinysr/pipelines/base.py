@@ -140,20 +140,32 @@ class OneStepSRPipeline:
     def num_parameters(self) -> dict:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
+    # the three stages, each tiled; `_run` chains them and the benchmark times them one by one
+    def encode_latents(self, x: torch.Tensor, vae_tile_size: int = 128, vae_tile_overlap: int = 16) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> scaled latent."""
+        x = x.to(self.device, self.dtype, memory_format=torch.channels_last)
+        z = tiled_map(lambda t: vae_encode(self.vae, t), x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae))
+        return z * self.vae.config.scaling_factor
+
+    def predict_tiled(self, z: torch.Tensor, tile_size: int = 64, tile_overlap: int = 8) -> torch.Tensor:
+        """eps over Gaussian-blended latent tiles, no larger than the position table covers."""
+        tile_size = min(tile_size, self.max_latent_tile)
+        tile_size -= tile_size % self.latent_multiple
+        return tiled_map(self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple)
+
+    def decode_latents(self, z: torch.Tensor, vae_tile_size: int = 128, vae_tile_overlap: int = 16) -> torch.Tensor:
+        z = (z / self.vae.config.scaling_factor).contiguous(memory_format=torch.channels_last)
+        return tiled_map(lambda t: vae_decode(self.vae, t), z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae))
+
     @torch.no_grad()
     def _run(self, x: torch.Tensor, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings) -> torch.Tensor:
         """x: (1, 3, H, W) in [-1, 1], H and W multiples of the VAE and patch size; returns [-1, 1]."""
-        down = vae_downscale(self.vae)
-        scale = self.vae.config.scaling_factor
-        x = x.to(self.device, self.dtype, memory_format=torch.channels_last)
         with timed(timings, "encode", self.device):
-            z = tiled_map(lambda t: vae_encode(self.vae, t), x, vae_tile_size, vae_tile_overlap, x_scale=down) * scale
+            z = self.encode_latents(x, vae_tile_size, vae_tile_overlap)
         with timed(timings, "transformer", self.device):
-            pred = tiled_map(self.predict, z, tile_size, tile_overlap, align=self.latent_multiple)
-            z = z - pred
+            z = z - self.predict_tiled(z, tile_size, tile_overlap)
         with timed(timings, "decode", self.device):
-            z = (z / scale).contiguous(memory_format=torch.channels_last)
-            y = tiled_map(lambda t: vae_decode(self.vae, t), z, vae_tile_size, vae_tile_overlap, y_scale=down)
+            y = self.decode_latents(z, vae_tile_size, vae_tile_overlap)
         return y.float()
 
     def __call__(
@@ -179,9 +191,6 @@ class OneStepSRPipeline:
             raise ValueError(f"need tile_size >= {2 * self.latent_multiple} and 0 <= tile_overlap < tile_size")
         if vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size:
             raise ValueError("need vae_tile_size >= 4 and 0 <= vae_tile_overlap < vae_tile_size")
-        tile_size = min(tile_size, self.max_latent_tile)
-        tile_size -= tile_size % self.latent_multiple
-        tile_overlap = min(tile_overlap, tile_size // 2)
         loaded = as_loaded_image(image, max_pixels)
         timings: dict = {}
         start = time.perf_counter()
