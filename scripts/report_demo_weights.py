@@ -1,0 +1,171 @@
+"""Measure the bundled demo weights and write their model cards: `python scripts/report_demo_weights.py`.
+
+Models: bicubic, realesrgan-x4plus, the demo teacher (`tsdsr`) and the demo student (`tinysr`);
+sets: RealSR and DRealSR from ../shared/data (when present) and the synthetic set that
+train_demo_weights.py degraded (fixed seed) from held-out photos. Metrics: PSNR, SSIM (Y channel),
+NIQE, ST-LPIPS (shift-tolerant LPIPS, whose weights ship with its package: the perceptual
+distance that runs offline), plus any pyiqa metric whose weights are present. Then parameters and
+CPU latency (fp32 and bf16) of teacher and student from one `bench --scale loaded` run.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.train_demo_weights import (  # noqa: E402
+    CROPS_PER_PHOTO,
+    PAIRS,
+    RUN,
+    SYNTHETIC,
+    TEST_CROP,
+    TEST_CROPS_PER_PHOTO,
+    TEST_SEED,
+    WEIGHTS,
+)
+from tinysr.bench import format_table, run_benchmark  # noqa: E402
+from tinysr.evaluate import evaluate_folders, pair_files, read_rgb, upscale_folder  # noqa: E402
+from tinysr.metrics import METRICS, MetricSuite, missing_files  # noqa: E402
+from tinysr.pipelines import load_pipeline  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+SETS = {
+    "RealSR": (SHARED / "RealSRVal_crop128" / "test_LR", SHARED / "RealSRVal_crop128" / "test_HR"),
+    "DRealSR": (SHARED / "DrealSRVal_crop128" / "test_LR", SHARED / "DrealSRVal_crop128" / "test_HR"),
+    "synthetic": (SYNTHETIC / "lq", SYNTHETIC / "gt"),
+}
+MODELS = {"bicubic": "Bicubic", "realesrgan-x4plus": "Real-ESRGAN x4plus", "tsdsr": "demo teacher (TSD-SR arch.)", "tinysr": "demo TinySR"}
+OUT = ROOT / "runs" / "demo-report"
+BENCH_JSON = ROOT / "assets" / "benchmarks" / "bench-demo-cpu.json"
+
+
+def st_lpips(pred_dir: Path, gt_dir: Path) -> float:
+    from stlpips_pytorch import stlpips
+
+    net = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+    values = []
+    with torch.no_grad():
+        for _, pred, gt in pair_files(pred_dir, gt_dir):
+            values.append(float(net(read_rgb(pred) * 2 - 1, read_rgb(gt) * 2 - 1).mean()))
+    return sum(values) / len(values)
+
+
+def measure(sets: list[str], models: list[str]) -> dict:
+    extra = [m for m in ("lpips", "dists", "musiq", "maniqa", "clipiqa") if not missing_files(METRICS[m])]
+    suite = MetricSuite(["psnr", "ssim", "niqe", *extra], device="cpu")
+    results = {}
+    for set_name in sets:
+        lr, gt = SETS[set_name]
+        if not lr.is_dir():
+            print(f"skipping {set_name}: {lr} not found")
+            continue
+        for model in models:
+            pred = OUT / set_name / model
+            print(f"== {set_name} / {model}", flush=True)
+            pipe = load_pipeline(model, device="cpu")
+            timing = upscale_folder(pipe, lr, pred, progress=False)
+            scores = evaluate_folders(pred, gt, progress=False, suite=suite)["average"]
+            scores["st_lpips"] = st_lpips(pred, gt)
+            scores["s_per_image"] = timing["wall_s"] / timing["images"]
+            results.setdefault(set_name, {})[model] = scores
+            print(json.dumps(scores), flush=True)
+    return results
+
+
+def metrics_table(results: dict) -> str:
+    lines = []
+    for set_name, rows in results.items():
+        lines += [f"\n**{set_name}** ({len(list((SETS[set_name][0]).iterdir()))} images, 4x)\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | NIQE ↓ |", "|---|---|---|---|---|"]
+        for model, s in rows.items():
+            lines.append(f"| {MODELS[model]} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {s['niqe']:.3f} |")
+    return "\n".join(lines)
+
+
+def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
+    stages = ["demo-base-vae", "demo-teacher"] if kind == "teacher" else ["vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export"]
+    rows = "\n".join(
+        f"| {s} | {timings[s].get('steps', '-')} | {timings[s]['wall_s'] / 60:.1f} | "
+        + (f"{timings[s]['first_loss']:.4f} -> {timings[s]['last_loss']:.4f}" if "first_loss" in timings[s] else "-")
+        + " |"
+        for s in stages
+        if s in timings
+    )
+    total = sum(timings[s]["wall_s"] for s in stages if s in timings) / 60
+    name = "TinySR" if kind == "student" else "TSD-SR"
+    m = bench["models"][name]
+    what = {
+        "teacher": (
+            "A small one-step SR model with TSD-SR's architecture (an `SD3Transformer2DModel`, 8 blocks, width 128, "
+            "one fixed random prompt) and a small `AutoencoderKL` (4x downsampling, 16 latent channels) trained from "
+            "scratch as the stand-in for SD3's VAE. It plays TSD-SR's role in the demo chain: the teacher the student "
+            "is pruned from and distilled towards."
+        ),
+        "student": (
+            "The demo TinySR: the demo teacher pruned 2 of every 4 blocks by the learned (Gumbel, pair-coupled) search, "
+            "conditioning removed and modulation folded, with a tiny depthwise-separable VAE distilled from the teacher's "
+            "VAE, then trained by the paper's two distillation stages."
+        ),
+    }[kind]
+    return f"""# {name} — demo scale (CPU-trained; not the paper's weights)
+
+{what} Trained by this repository's own trainer on a 2-core CPU with `python scripts/train_demo_weights.py`
+(`trainer/configs/demo.yaml`, seed 80); the paper-scale weights come from the official releases
+(see the main README). Use these to try the app and CLI offline, not to judge the method.
+
+**Data**: {len(list((PAIRS / 'gt').iterdir()))} Real-ESRGAN-degraded pairs ({CROPS_PER_PHOTO} random 128 px crops per photo)
+of the training photos fetched from Debian packages by `scripts/fetch_photos.py` (see `runs/photos/ATTRIBUTION.md`).
+The synthetic test set holds {TEST_CROPS_PER_PHOTO} random {TEST_CROP} px crops (seed {TEST_SEED}) of each of the held-out photos.
+
+## Training (wall time on this 2-core CPU, first -> last logged loss)
+
+| stage | steps | minutes | loss |
+|---|---|---|---|
+{rows}
+
+Total: {total:.1f} min.
+
+## Size and CPU latency (128 -> 512 px, `python -m tinysr bench --scale loaded`, one run)
+
+Parameters: transformer {m['params']['transformer'] / 1e6:.2f} M, VAE {m['params']['vae'] / 1e6:.3f} M.
+{chr(10).join(f"Latency {d}: {lat['total']:.3f} s (encode {lat['encode']:.3f}, transformer {lat['transformer']:.3f}, decode {lat['decode']:.3f})" + "  " for d, lat in m['latency'].items())}
+Teacher / student in the same run: {", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in bench['ratios'].items())}.
+
+## Metrics (`python scripts/report_demo_weights.py`)
+{metrics_table(results)}
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    results_path = OUT / "metrics.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for set_name, rows in measure(args.sets.split(","), args.models.split(",")).items():
+        results.setdefault(set_name, {}).update(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    bench = run_benchmark(size=128, device="cpu", repeats=3, dtypes=["fp32", "bf16"], scale="loaded")
+    print(format_table(bench))
+    BENCH_JSON.parent.mkdir(parents=True, exist_ok=True)
+    BENCH_JSON.write_text(json.dumps(bench, indent=2) + "\n")
+    timings = json.loads((RUN / "timings.json").read_text())
+    ordered = {s: {m: results[s][m] for m in MODELS if m in results.get(s, {})} for s in SETS if s in results}
+    (WEIGHTS / "demo_metrics.json").write_text(json.dumps({"metrics": ordered, "bench": bench, "training": timings}, indent=2) + "\n")
+    for kind, folder in (("teacher", "tsdsr-demo"), ("student", "tinysr-demo")):
+        (WEIGHTS / folder / "README.md").write_text(card(kind, ordered, bench, timings))
+    print(f"report written in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
