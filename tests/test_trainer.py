@@ -208,3 +208,23 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace):
     teacher = TSDSRPipeline.from_pretrained(workspace / "runs" / "tiny" / "demo-teacher" / "final")
     assert teacher.prompt_embeds.shape == (1, 3, TINY_SD3["joint_attention_dim"])
     assert teacher(random_image(16, 16)).image.shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("name, kept", [("paper", 12), ("paper-prune33", 16), ("paper-prune67", 8)])
+def test_paper_configs_and_their_pruning_ratios(name, kept, tmp_path):
+    """Table C.2's variants inherit paper.yaml (`base:`) and keep 50%, 67%, 33% of SD3's 24 blocks."""
+    from trainer.stages.pruning import BlockMaskSampler
+
+    cfg = load_config(ROOT / "trainer" / "configs" / f"{name}.yaml", ["data.pairs=PAIRS"])
+    assert cfg.name == name and cfg.seed == 80 and cfg.mixed_precision == "fp16"
+    assert cfg.stages["distill-1"].lora_rank == 64 and cfg.stages["distill-2"].w_gan == 0.3
+    s = cfg.stages["prune-search"]
+    sampler = BlockMaskSampler(24, s.group_size, s.keep_per_group, s.couple_pairs)
+    with torch.no_grad():
+        sampler.group_logits.normal_(generator=torch.Generator().manual_seed(1))
+    assert len(sampler.kept_blocks()) == kept
+    assert all(sampler.sample(1.0, 1.0, torch.Generator().manual_seed(i)).sum() == kept for i in range(20))
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")

@@ -99,13 +99,27 @@ class TrainerConfig:
     standins: StandInConfig = field(default_factory=StandInConfig)
 
 
+def _yaml_chain(path: Path, seen: tuple = ()) -> list[DictConfig]:
+    """The file and, first, the files its `base:` key names (relative to it), so variants list only what differs."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base:` files form a cycle")
+    raw = OmegaConf.load(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return [raw]
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config {base_path} not found")
+    return [*_yaml_chain(base_path, (*seen, path.resolve())), raw]
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
     """Schema <- YAML <- `a.b=c` overrides, with every error turned into one readable ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (see trainer/configs/)")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), OmegaConf.load(path))
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), *_yaml_chain(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value")
