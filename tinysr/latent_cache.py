@@ -51,7 +51,7 @@ def encode_pair(pipe, lq_path: Path, gt_path: Path, scale: int = 4) -> dict[str,
     to = dict(device=pipe.device, dtype=pipe.dtype)
     z_lq = vae_encode(pipe.vae, (lq_up * 2 - 1).to(**to)) * s
     z_hq = vae_encode(pipe.vae, (gt * 2 - 1).to(**to)) * s
-    z_teacher = z_lq - pipe.predict(z_lq)
+    z_teacher = z_lq - pipe.predict_tiled(z_lq)
     return {"lq": z_lq[0], "hq": z_hq[0], "teacher": z_teacher[0]}
 
 

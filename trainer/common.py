@@ -97,4 +97,4 @@ class TeacherLatents:
             return z.to(batch["lq_up"].device)
         t = self.teacher
         z = vae_encode(t.vae, batch["lq_up"]) * t.vae.config.scaling_factor
-        return z - t.predict(z)
+        return z - t.predict_tiled(z)
