@@ -407,7 +407,7 @@ def build_demo() -> gr.Blocks:
                 "full-reference metrics are against the clean crop."
             )
             with gr.Row():
-                clean = ImageUpload(type="filepath", label="Clean photo", sources=["upload", "clipboard"])
+                clean = ImageUpload(type="filepath", label="Clean photo", sources=["upload", "clipboard"], elem_id="clean-input")
                 with gr.Column():
                     seed = gr.Number(80, precision=0, label="Seed")
                     strength = gr.Slider(0.25, 2.0, value=1.0, step=0.05, label="Strength (1 = Real-ESRGAN's ranges)")
@@ -418,7 +418,7 @@ def build_demo() -> gr.Blocks:
                 d_gt = gr.Image(label="Clean crop", type="pil")
                 d_lq = gr.Image(label="Synthesised low-resolution input", type="pil")
             d_slider = gr.ImageSlider(label="A | B", type="pil", format="png")
-            d_table = gr.Dataframe(label="Metrics against the clean crop")
+            d_table = gr.Dataframe(label="Metrics against the clean crop", elem_id="degrade-table")
             d_run.click(degrade_and_restore, [clean, seed, strength, d_left, d_right], [d_gt, d_lq, d_slider, d_table], api_name="degrade_restore")
 
         with gr.Tab("Benchmark"):
@@ -432,7 +432,7 @@ def build_demo() -> gr.Blocks:
                 max_images = gr.Number(10, precision=0, minimum=1, label="Images (first N)")
             b_run = gr.Button("Run benchmark", variant="primary")
             b_summary = gr.Markdown()
-            b_table = gr.Dataframe(label="Averages")
+            b_table = gr.Dataframe(label="Averages", elem_id="bench-table")
             b_metric = gr.Dropdown([], label="Bar chart of")
             b_plot = gr.BarPlot(x="model", y=None, label="Per model")
             b_run.click(run_bench, [lr_dir, gt_dir, b_models, b_metrics, max_images], [b_table, b_metric, b_summary], api_name="benchmark")
@@ -464,7 +464,7 @@ def build_demo() -> gr.Blocks:
             timer.tick(training_status, None, [t_status, t_bar, t_plot, t_log], api_name="train_status", queue=False)
 
         with gr.Tab("About"):
-            gr.Markdown(about_markdown())
+            gr.Markdown(about_markdown(), elem_id="about")
     return demo
 
 

@@ -253,5 +253,22 @@ def test_browser_upload_compare_and_train(server, tmp_path):
         page.get_by_role("button", name="Stop").click()
         expect(page.locator("#train-message")).to_contain_text("Stopped", timeout=60_000)
         expect(page.locator("#train-status")).to_contain_text("stopped", timeout=30_000)
+
+        page.get_by_role("tab", name="Degrade and restore").click()
+        page.locator("#clean-input input[type=file]").set_input_files(save_rgb(tmp_path / "clean.png", 160, 160))
+        page.get_by_role("button", name="Degrade and restore").click()
+        expect(page.locator("#degrade-table")).to_contain_text("TinySR", timeout=180_000)
+        page.screenshot(path=str(ARTIFACTS / "app_degrade.png"), full_page=True)
+
+        page.get_by_role("tab", name="Benchmark").click()
+        page.get_by_label("LR folder (on the server)").fill(str(server["root"] / "pairs" / "lq"))
+        page.get_by_label("GT folder (optional)").fill(str(server["root"] / "pairs" / "gt"))
+        page.get_by_role("button", name="Run benchmark").click()
+        expect(page.locator("#bench-table")).to_contain_text("Bicubic", timeout=180_000)
+        page.screenshot(path=str(ARTIFACTS / "app_benchmark.png"), full_page=True)
+
+        page.get_by_role("tab", name="About").click()
+        expect(page.locator("#about")).to_contain_text("Efficiency")
+        page.screenshot(path=str(ARTIFACTS / "app_about.png"), full_page=True)
         browser.close()
     assert server["proc"].poll() is None
