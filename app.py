@@ -431,7 +431,7 @@ def build_demo() -> gr.Blocks:
                 b_metrics = gr.CheckboxGroup(["psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa"], value=["psnr", "ssim", "niqe"], label="Metrics")
                 max_images = gr.Number(10, precision=0, minimum=1, label="Images (first N)")
             b_run = gr.Button("Run benchmark", variant="primary")
-            b_summary = gr.Markdown()
+            b_summary = gr.Markdown(elem_id="bench-summary")
             b_table = gr.Dataframe(label="Averages", elem_id="bench-table")
             b_metric = gr.Dropdown([], label="Bar chart of")
             b_plot = gr.BarPlot(x="model", y=None, label="Per model")

@@ -264,7 +264,8 @@ def test_browser_upload_compare_and_train(server, tmp_path):
         page.get_by_label("LR folder (on the server)").fill(str(server["root"] / "pairs" / "lq"))
         page.get_by_label("GT folder (optional)").fill(str(server["root"] / "pairs" / "gt"))
         page.get_by_role("button", name="Run benchmark").click()
-        expect(page.locator("#bench-table")).to_contain_text("Bicubic", timeout=180_000)
+        expect(page.locator("#bench-summary")).to_contain_text("4 images from", timeout=180_000)  # the table shows progress text too
+        expect(page.locator("#bench-table")).to_contain_text("TinySR")
         page.screenshot(path=str(ARTIFACTS / "app_benchmark.png"), full_page=True)
 
         page.get_by_role("tab", name="About").click()
@@ -272,3 +273,17 @@ def test_browser_upload_compare_and_train(server, tmp_path):
         page.screenshot(path=str(ARTIFACTS / "app_about.png"), full_page=True)
         browser.close()
     assert server["proc"].poll() is None
+
+
+def test_about_shows_the_pruning_decision_of_the_model_in_use(tmp_path, monkeypatch):
+    import json
+
+    from trainer.stages.pruning import BlockMaskSampler
+
+    sampler = BlockMaskSampler(8, 4, 2, couple_pairs=True)
+    (tmp_path / "pruning.json").write_text(json.dumps(sampler.decision()))
+    monkeypatch.setenv("TINYSR_MODEL", str(tmp_path))
+    text = app.about_markdown()
+    assert "4 of 8 teacher blocks kept" in text
+    assert "| group 0 | ■ ■ □ □ | 0, 1 |" in text and "| group 1 | ■ ■ □ □ | 4, 5 |" in text  # zero logits: first candidates
+    assert "bench-paper-h200.json" in text and "TSD-SR / TinySR" in text
