@@ -107,7 +107,7 @@ def make_discriminator(kind: str) -> nn.Module:
 def discriminator_step(accelerator, disc, disc_opt, real, fake) -> float:
     """One hinge-loss update of the discriminator on real images and (detached) generated ones."""
     with accelerator.accumulate(disc):
-        d = hinge_d_loss(disc(real), disc(fake.detach()))
+        d = hinge_d_loss(disc(real), disc(fake.detach().clamp(-1, 1)))
         accelerator.backward(d)
         disc_opt.step()
         disc_opt.zero_grad(set_to_none=True)
@@ -123,12 +123,16 @@ def hinge_g_loss(fake_logits):
 
 
 def image_losses(image, gt, s, lpips: nn.Module | None, disc: nn.Module | None, logs: dict):
-    """The image-space terms several stages add: w_lpips * LPIPS + w_gan * hinge generator loss."""
+    """The image-space terms several stages add: w_lpips * LPIPS + w_gan * hinge generator loss.
+
+    The discriminator sees images clamped to [-1, 1]: decoders are unbounded, and a generator free to
+    scale its output up drives a Lipschitz discriminator's score (and the hinge G loss) without limit
+    (seen in the demo run: -3e8 after 200 vae-decoder steps)."""
     loss = 0.0
     if lpips is not None:
         p = lpips(image.float(), gt.float())
         loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
     if disc is not None:
-        g = hinge_g_loss(disc(image))
+        g = hinge_g_loss(disc(image.clamp(-1, 1)))
         loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
     return loss
