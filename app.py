@@ -19,8 +19,8 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
+from tinysr.baselines import bicubic_x4
 from tinysr.degradation import DegradationConfig, RealESRGANDegradation
 from tinysr.device import PeakMemory
 from tinysr.errors import MissingWeightsError, TinySRError
@@ -154,9 +154,7 @@ def run_model(name: str, image: LoadedImage, options: dict, gt: torch.Tensor | N
 
 
 def bicubic_view(image: LoadedImage):
-    h, w = image.rgb.shape[1:]
-    up = F.interpolate(image.rgb[None], size=(4 * h, 4 * w), mode="bicubic", align_corners=False)[0]
-    return to_pil(up, None, image.grayscale)
+    return to_pil(bicubic_x4(image.rgb[None], image.bit_depth)[0], None, image.grayscale)
 
 
 def check_gt(gt_path: str | None, image: LoadedImage) -> torch.Tensor | None:
@@ -254,7 +252,7 @@ def run_bench(lr_dir, gt_dir, models, metrics, max_images, progress=gr.Progress(
     subset.mkdir()
     for f in files:
         shutil.copy(f, subset / f.name)
-    rows, notes = [], []
+    rows, notes, unavailable = [], [], {}
     for i, name in enumerate(models):
         progress(i / len(models), desc=f"{TITLES[name]}: upscaling {len(files)} images")
         try:
@@ -268,11 +266,11 @@ def run_bench(lr_dir, gt_dir, models, metrics, max_images, progress=gr.Progress(
         except (RuntimeError, ValueError, TinySRError) as e:  # e.g. NIQE on images under 96 px
             raise gr.Error(f"Scoring {TITLES[name]} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
         rows.append({"model": TITLES[name], **{k: round(v, 4) for k, v in result["average"].items()}, "s/image": round(timing["wall_s"] / len(files), 2)})
-        notes += [f"- {m.upper()} unavailable: {why}" for m, why in result["unavailable"].items() if f"- {m.upper()}" not in "".join(notes)]
+        unavailable.update(result["unavailable"])
     table = pd.DataFrame(rows)
     metric_cols = [c for c in table.columns if c not in ("model",)]
     summary = f"{len(files)} images from `{lr}`" + (f" against `{gt}`" if gt else " (no ground truth: no-reference metrics only)")
-    return table, gr.update(choices=metric_cols, value=metric_cols[0] if metric_cols else None), summary + "\n" + "\n".join(notes)
+    return table, gr.update(choices=metric_cols, value=metric_cols[0] if metric_cols else None), summary + "\n" + "\n".join(notes + [f"- {m.upper()} unavailable: {why}" for m, why in unavailable.items()])
 
 
 def bench_plot(table, metric):

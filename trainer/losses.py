@@ -104,6 +104,14 @@ def make_discriminator(kind: str) -> nn.Module:
     raise ValueError(f"unknown discriminator {kind!r}")
 
 
+def make_gan(s, enabled: bool) -> tuple:
+    """(discriminator, its optimiser) for a stage's `discriminator` and `disc_lr`, or (None, None) when off."""
+    if not enabled:
+        return None, None
+    disc = make_discriminator(s.discriminator)
+    return disc, torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr)
+
+
 def discriminator_step(accelerator, disc, disc_opt, real, fake) -> float:
     """One hinge-loss update of the discriminator on real images and (detached) generated ones."""
     with accelerator.accumulate(disc):

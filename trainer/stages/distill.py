@@ -13,7 +13,7 @@ from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
 
 from ..common import FINAL, PairDataset, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require
-from ..losses import discriminator_step, image_losses, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
 STUDENT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -59,13 +59,8 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     data = PairDataset(cfg.data.pairs, cfg.data.crop)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    use_gan = stage == "distill-2" and s.w_gan > 0
-    if use_gan:
-        disc = make_discriminator(s.discriminator)
-        disc_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr)
-        student, opt, disc, disc_opt = run.prepare(student, opt, disc, disc_opt)
-    else:
-        student, opt = run.prepare(student, opt)
+    disc, disc_opt = make_gan(s, stage == "distill-2" and s.w_gan > 0)
+    student, opt, disc, disc_opt = run.prepare(student, opt, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if stage == "distill-2" and s.w_lpips > 0 else None
     w_l1 = s.w_l1 or 1.0
 
@@ -78,9 +73,9 @@ def run_distill(cfg, stage: str, resume: str | None = None):
             loss, logs = w_l1 * l1, {"l1": l1.item()}
             if stage == "distill-2":
                 image = tiny_vae.decode(z / tiny_vae.config.scaling_factor)
-                loss = loss + image_losses(image, batch["gt"], s, lpips, disc if use_gan else None, logs)
+                loss = loss + image_losses(image, batch["gt"], s, lpips, disc, logs)
             run.optimizer_step(loss, opt, params)
-        if use_gan:
+        if disc is not None:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
     run.finish()

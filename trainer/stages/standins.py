@@ -18,7 +18,7 @@ from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import vae_decode, vae_encode
 
 from ..common import FINAL, PairDataset, final_dir, require
-from ..losses import discriminator_step, image_losses, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
 SCALING_BATCHES = 8
@@ -102,13 +102,8 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     data = PairDataset(cfg.data.pairs, cfg.data.crop)
     params = list(transformer.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    use_gan = s.w_gan > 0
-    if use_gan:
-        disc = make_discriminator(s.discriminator)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=s.disc_lr)
-        model, opt, disc, disc_opt = run.prepare(transformer, opt, disc, disc_opt)
-    else:
-        model, opt = run.prepare(transformer, opt)
+    disc, disc_opt = make_gan(s, s.w_gan > 0)
+    model, opt, disc, disc_opt = run.prepare(transformer, opt, disc, disc_opt)
     pipe.transformer = model
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     scale = vae.config.scaling_factor
@@ -121,11 +116,11 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
             z = z_lq - pipe.predict(z_lq)
             l1 = F.l1_loss(z.float(), z_hq.float())
             loss, logs = s.w_l1 * l1, {"l1": l1.item()}
-            if lpips is not None or use_gan:
+            if lpips is not None or disc is not None:
                 image = vae_decode(vae, z / scale)
-                loss = loss + image_losses(image, batch["gt"], s, lpips, disc if use_gan else None, logs)
+                loss = loss + image_losses(image, batch["gt"], s, lpips, disc, logs)
             run.optimizer_step(loss, opt, params)
-        if use_gan:
+        if disc is not None:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
     run.finish()

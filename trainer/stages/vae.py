@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tinysr.pipelines.base import vae_encode
 
 from ..common import FINAL, PairDataset, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae
-from ..losses import discriminator_step, image_losses, make_discriminator, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
 
@@ -48,13 +48,8 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
     data = PairDataset(cfg.data.pairs, cfg.data.crop)
     params = list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    use_gan = s.w_gan > 0
-    if use_gan:
-        disc = make_discriminator(s.discriminator)
-        disc_opt = torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr)
-        decoder, opt, disc, disc_opt = run.prepare(vae.decoder, opt, disc, disc_opt)
-    else:
-        decoder, opt = run.prepare(vae.decoder, opt)
+    disc, disc_opt = make_gan(s, s.w_gan > 0)
+    decoder, opt, disc, disc_opt = run.prepare(vae.decoder, opt, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     source = "lq_up" if s.decoder_input == "lq" else "gt"
     for step in run.steps():
@@ -64,12 +59,12 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
         with run.accelerator.accumulate(decoder):
             image = decoder(z)
             logs = {}
-            loss = image_losses(image, batch["gt"], s, lpips, disc if use_gan else None, logs)
+            loss = image_losses(image, batch["gt"], s, lpips, disc, logs)
             if s.w_l1 > 0:
                 l1 = F.l1_loss(image.float(), batch["gt"].float())
                 loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
             run.optimizer_step(loss, opt, params)
-        if use_gan:
+        if disc is not None:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
         run.log(step, loss=loss.detach().item(), lr=opt.param_groups[0]["lr"], **logs)
     run.finish()
