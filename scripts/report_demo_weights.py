@@ -102,8 +102,9 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
     what = {
         "teacher": (
             "A small one-step SR model with TSD-SR's architecture (an `SD3Transformer2DModel`, 8 blocks, width 128, "
-            "one fixed random prompt) and a small `AutoencoderKL` (4x downsampling, 16 latent channels) trained from "
-            "scratch as the stand-in for SD3's VAE. It plays TSD-SR's role in the demo chain: the teacher the student "
+            "one fixed random prompt, the output layer starting at zero so training begins from the identity) and a "
+            "`PatchAutoencoder` (4x4 patches, 16 latent channels; linear path initialised as whitened PCA of the training "
+            "patches, then trained) as the stand-in for SD3's VAE. It plays TSD-SR's role in the demo chain: the teacher the student "
             "is pruned from and distilled towards."
         ),
         "student": (

@@ -3,6 +3,7 @@ import torch
 from peft import LoraConfig
 
 from tinysr import TinyAutoencoder, TinySRTransformer
+from tinysr.models import PatchAutoencoder
 from tinysr.weights import merge_lora
 
 from .conftest import make_student, make_tiny_vae
@@ -67,6 +68,25 @@ def test_vae_shapes_and_ranges():
     z = vae.encode(x)
     assert z.shape == (2, 16, 5, 3)
     assert vae.decode(z).shape == x.shape
+
+
+@torch.no_grad()
+def test_patch_autoencoder_starts_as_whitened_pca(tmp_path):
+    """The demo base VAE: after fit_linear, patches of rank <= 16 come back exactly, latents have std 0.5."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(12, 3 * 16, generator=g)  # every 4x4 patch is a mix of 12 fixed patterns
+    coeffs = torch.randn(4 * 10 * 10, 12, generator=g)
+    images = torch.nn.functional.pixel_shuffle((coeffs @ basis).reshape(4, 10, 10, 48).permute(0, 3, 1, 2), 4) * 0.1
+    vae = PatchAutoencoder(latent_channels=16, channels=8, blocks=1)
+    assert vae.decode(vae.encode(images)).abs().max() > 0  # random linear maps, zero refiners: not yet the identity
+    vae.fit_linear(images)
+    z = vae.encode(images)
+    assert z.shape == (4, 16, 10, 10)
+    assert torch.allclose(z[:, :12].std((0, 2, 3)), torch.full((12,), 0.5), atol=0.02)
+    assert torch.allclose(vae.decode(z), images, atol=1e-4)
+    assert vae.downscale == 4
+    vae.save_pretrained(tmp_path / "v")
+    assert torch.equal(PatchAutoencoder.from_pretrained(tmp_path / "v").encode(images), z)
 
 
 @torch.no_grad()

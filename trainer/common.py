@@ -40,6 +40,11 @@ class PairDataset(Dataset):
         return {"name": name, "lq_up": lq_up * 2 - 1, "gt": gt * 2 - 1}
 
 
+def stage_pairs(cfg, s) -> PairDataset:
+    """The pairs at the stage's crop size (`stages.X.crop`, else `data.crop`)."""
+    return PairDataset(cfg.data.pairs, s.crop or cfg.data.crop)
+
+
 def final_dir(cfg, stage: str) -> Path:
     return stage_dir(cfg, stage) / FINAL
 

@@ -37,6 +37,7 @@ class StageConfig:
     lora_rank: int = 64
     checkpoint_every: int = 0  # 0: only the final checkpoint
     log_every: int = 1
+    crop: int = 0  # GT crop of this stage, 0: data.crop (the convolutional VAEs learn as well from small crops, far cheaper)
     overfit_batch: bool = False  # always the first batch_size pairs: a quick check that a stage can learn
     # loss weights (paper: decoder 3 LPIPS + 1 GAN; search 1/1; stage 2: 5 L1 + 1 LPIPS + 0.3 GAN)
     w_mse: float = 0.0
@@ -79,7 +80,8 @@ class TinyVAEConfig:
 class StandInConfig:
     """Demo only: diffusers configs of the small base VAE and teacher trained in place of SD3 / TSD-SR."""
 
-    vae: dict[str, Any] = field(default_factory=dict)  # AutoencoderKL(**vae)
+    vae_class: str = "AutoencoderKL"  # or TinyAutoencoder
+    vae: dict[str, Any] = field(default_factory=dict)  # vae_class(**vae)
     transformer: dict[str, Any] = field(default_factory=dict)  # SD3Transformer2DModel(**transformer)
     prompt_tokens: int = 16
 
@@ -141,12 +143,19 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
         s = cfg.stages[stage]
         if s.steps < 1 or s.batch_size < 1 or s.grad_accum < 1 or s.lr <= 0:
             raise ConfigError(f"stages.{stage}: steps, batch_size, grad_accum must be >= 1 and lr > 0")
+        if s.crop % 32 or s.crop < 0:
+            raise ConfigError(f"stages.{stage}.crop must be 0 (data.crop) or a multiple of 32, got {s.crop}")
         for key, choices in (("perceptual", ("stlpips", "lpips-vgg", "lpips-alex")), ("discriminator", ("conv", "dino-projected")), ("decoder_input", ("lq", "hq"))):
             if s[key] not in choices:
                 raise ConfigError(f"stages.{stage}.{key} must be one of {', '.join(choices)}, got {s[key]!r}")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
         if stage in stages and not cfg.standins[part]:
             raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")
+    if "demo-base-vae" in stages:
+        from tinysr.pipelines.tsdsr import TEACHER_VAES
+
+        if cfg.standins.vae_class not in TEACHER_VAES:
+            raise ConfigError(f"standins.vae_class must be one of {', '.join(TEACHER_VAES)}, got {cfg.standins.vae_class!r}")
     for tracker in cfg.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"report_to: unknown tracker {tracker!r}; choose tensorboard and/or wandb")

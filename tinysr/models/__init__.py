@@ -1,4 +1,5 @@
+from .autoencoder_patch import PatchAutoencoder
 from .autoencoder_tiny import TinyAutoencoder
 from .transformer_tinysr import TinySRTransformer
 
-__all__ = ["TinyAutoencoder", "TinySRTransformer"]
+__all__ = ["PatchAutoencoder", "TinyAutoencoder", "TinySRTransformer"]

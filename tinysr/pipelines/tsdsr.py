@@ -8,10 +8,13 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
 from ..errors import WrongModelError
+from ..models import PatchAutoencoder, TinyAutoencoder
 from ..weights import SD3_MEDIUM, find_file, load_component, load_tsdsr_release, read_json, resolve_folder
 from .base import TIMESTEP, OneStepSRPipeline
 
 PROMPT_FILE = "prompt_embeds.safetensors"
+# SD3's VAE; demo-scale stand-in teachers use one that trains in CPU minutes
+TEACHER_VAES = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder, "TinyAutoencoder": TinyAutoencoder}
 
 
 class TSDSRPipeline(OneStepSRPipeline):
@@ -60,7 +63,7 @@ class TSDSRPipeline(OneStepSRPipeline):
         if index.get("_class_name") != cls.model_index_name:
             raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
         transformer = load_component(folder, "transformer", {"SD3Transformer2DModel": SD3Transformer2DModel}, torch.float32)
-        vae = load_component(folder, "vae", {"AutoencoderKL": AutoencoderKL}, torch.float32)
+        vae = load_component(folder, "vae", TEACHER_VAES, torch.float32)
         embeds = load_file(find_file(PROMPT_FILE, [folder], "The folder is incomplete; re-convert it."))
         return cls(transformer, vae, embeds["prompt_embeds"], embeds["pooled_embeds"], device=device, dtype=dtype)
 

@@ -12,7 +12,7 @@ from peft import LoraConfig
 from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
 
-from ..common import FINAL, PairDataset, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require
+from ..common import FINAL, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
@@ -56,7 +56,7 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     z_teacher = TeacherLatents(cfg, teacher)
     tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
     student = load_student(cfg, source, s.lora_rank)
-    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    data = stage_pairs(cfg, s)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     disc, disc_opt = make_gan(s, stage == "distill-2" and s.w_gan > 0)

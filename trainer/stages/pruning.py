@@ -24,7 +24,7 @@ from tinysr.convert import tinysr_transformer_from_sd3
 from tinysr.device import pick_device
 from tinysr.pipelines.base import TIMESTEP, vae_encode
 
-from ..common import FINAL, PairDataset, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require
+from ..common import FINAL, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
 from ..losses import perceptual_loss
 from ..run import TrainingRun, stage_dir
 
@@ -269,7 +269,7 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
     sd3 = add_search_lora(copy.deepcopy(teacher.transformer), s.lora_rank)
     sampler = BlockMaskSampler(len(sd3.transformer_blocks), s.group_size, s.keep_per_group, s.couple_pairs)
     search = MaskedSD3(sd3, sampler).to(run.device).train()
-    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    data = stage_pairs(cfg, s)
     lora_params = [p for p in sd3.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(lora_params + list(sampler.parameters()), lr=s.lr, weight_decay=s.weight_decay)
     search, opt = run.prepare(search, opt)
@@ -362,7 +362,7 @@ def run_prune_shortgpt(cfg, stage: str = "prune-shortgpt", resume: str | None = 
     device = pick_device()
     teacher = load_teacher(cfg, device)
     sd3, vae = teacher.transformer, teacher.vae
-    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    data = stage_pairs(cfg, s)
 
     def calibration():  # the first calibration_batches * batch_size pairs, wrapping around
         for k in range(s.calibration_batches):

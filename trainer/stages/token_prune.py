@@ -13,7 +13,7 @@ import torch
 from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import vae_encode
 
-from ..common import FINAL, PairDataset, load_teacher
+from ..common import FINAL, load_teacher, stage_pairs
 from ..run import stage_dir
 
 
@@ -24,7 +24,7 @@ def prompt_token_importance(teacher: TSDSRPipeline, latents: list[torch.Tensor])
     blocks = teacher.transformer.transformer_blocks
     for i, block in enumerate(blocks):
         for name in ("to_q", "to_k", "add_k_proj"):
-            hook = lambda module, args, out, key=(i, name): captured.__setitem__(key, out)  # noqa: E731
+            hook = lambda module, args, out, key=(i, name): captured.__setitem__(key, out)
             hooks.append(getattr(block.attn, name).register_forward_hook(hook))
     tokens = teacher.prompt_embeds.shape[1]
     total, count = torch.zeros(tokens), 0
@@ -57,7 +57,7 @@ def run_token_prune(cfg, stage: str, resume: str | None = None):
     from accelerate import PartialState
 
     teacher = load_teacher(cfg, PartialState().device)
-    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    data = stage_pairs(cfg, s)
     scale = teacher.vae.config.scaling_factor
     latents = []
     for start in range(0, min(len(data), s.calibration_batches * s.batch_size), s.batch_size):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tinysr.pipelines.base import vae_encode
 
-from ..common import FINAL, PairDataset, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae
+from ..common import FINAL, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, stage_pairs
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
@@ -21,7 +21,7 @@ def run_vae_encoder(cfg, stage: str, resume: str | None = None):
     e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
     vae = new_tiny_vae(cfg)
     vae.decoder.requires_grad_(False)
-    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    data = stage_pairs(cfg, s)
     params = list(vae.encoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     encoder, opt = run.prepare(vae.encoder, opt)  # the trained half is what DDP wraps
@@ -45,7 +45,7 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
     e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
     vae = load_tiny_vae(cfg, "vae-encoder")
     vae.encoder.requires_grad_(False)
-    data = PairDataset(cfg.data.pairs, cfg.data.crop)
+    data = stage_pairs(cfg, s)
     params = list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
