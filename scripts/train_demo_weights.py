@@ -4,6 +4,7 @@ Photos from Debian packages -> degraded pairs -> stand-in base VAE and teacher -
 (tiny VAE, cache, pruning search, export, distill-1, distill-2, export) with trainer/configs/demo.yaml,
 then the teacher and student are written in fp16 to assets/weights/. Every step is a separate
 command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint).
+`--name repro --weights runs/repro-weights` retrains into other folders, to check reproducibility.
 `scripts/report_demo_weights.py` then measures them and writes the model cards.
 """
 
@@ -21,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from trainer.config import CHAIN  # noqa: E402
 
 CONFIG = "trainer/configs/demo.yaml"
-RUN = ROOT / "runs" / "demo"
+RUNS = ROOT / "runs"
+RUN = RUNS / "demo"
 PHOTOS = ROOT / "runs" / "photos"
 PAIRS = ROOT / "runs" / "demo-pairs"
 SYNTHETIC = ROOT / "runs" / "demo-synthetic"
@@ -29,6 +31,7 @@ WEIGHTS = ROOT / "assets" / "weights"
 SEED = 80
 TRAIN_CROP, CROPS_PER_PHOTO = 128, 32
 TEST_CROP, TEST_CROPS_PER_PHOTO, TEST_SEED = 512, 2, 81
+LOSS_WINDOW = 5  # logged values averaged for the first and last loss
 
 
 def publish(source: Path, target: Path) -> None:
@@ -47,10 +50,10 @@ def publish(source: Path, target: Path) -> None:
     tmp.rename(target)
 
 
-def steps() -> list[tuple[str, list[str] | None]]:
+def steps(name: str = "demo", weights: Path = WEIGHTS) -> list[tuple[str, list[str] | None]]:
     py, trainer = [sys.executable], [sys.executable, "-m", "trainer"]
     degrade = [*py, "-m", "tinysr", "degrade"]
-    cfg = ["--config", CONFIG, "--resume", "latest"]
+    cfg = ["--config", CONFIG, "--resume", "latest", f"name={name}", f"teacher={weights / 'tsdsr-demo'}"]
     return [
         ("photos", [*py, "scripts/fetch_photos.py", str(PHOTOS)]),
         ("pairs", [*degrade, str(PHOTOS / "train"), "-o", str(PAIRS), "--crop", str(TRAIN_CROP), "--per-image", str(CROPS_PER_PHOTO), "--seed", str(SEED)]),
@@ -63,32 +66,39 @@ def steps() -> list[tuple[str, list[str] | None]]:
     ]
 
 
-def first_last_loss(stage: str) -> dict:
-    log = RUN / stage / "log.jsonl"
+def first_last_loss(run: Path, stage: str) -> dict:
+    log = run / stage / "log.jsonl"
     if not log.is_file():
         return {}
     rows = [json.loads(line) for line in log.read_text().splitlines() if line]
-    return {"steps": rows[-1]["step"], "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"]} if rows else {}
+    if not rows:
+        return {}
+    # one logged value is one batch: average a few so the first -> last change is not batch noise
+    mean = lambda part: sum(r["loss"] for r in part) / len(part)  # noqa: E731
+    return {"steps": rows[-1]["step"], "first_loss": mean(rows[:LOSS_WINDOW]), "last_loss": mean(rows[-LOSS_WINDOW:])}
 
 
 def main() -> int:
     names = [name for name, _ in steps()]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="start", choices=names, default=names[0])
+    parser.add_argument("--name", default="demo", help="run name: stages write runs/NAME/STAGE")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the fp16 teacher and student are published")
     args = parser.parse_args()
-    timings_path = RUN / "timings.json"
+    run, weights = RUNS / args.name, args.weights.resolve()
+    timings_path = run / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() and args.start != names[0] else {}
-    for name, command in steps()[names.index(args.start) :]:
+    for name, command in steps(args.name, weights)[names.index(args.start) :]:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         if name == "publish-teacher":
-            publish(RUN / "demo-teacher" / "final", WEIGHTS / "tsdsr-demo")
+            publish(run / "demo-teacher" / "final", weights / "tsdsr-demo")
         elif name == "publish-student":
-            publish(RUN / "export", WEIGHTS / "tinysr-demo")
+            publish(run / "export", weights / "tinysr-demo")
         else:
             subprocess.run(command, cwd=ROOT, check=True)
-        timings[name] = {"wall_s": round(time.perf_counter() - start, 1), **first_last_loss(name)}
-        RUN.mkdir(parents=True, exist_ok=True)
+        timings[name] = {"wall_s": round(time.perf_counter() - start, 1), **first_last_loss(run, name)}
+        run.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
     total = sum(t["wall_s"] for n, t in timings.items() if n not in ("photos", "pairs", "synthetic"))
     print(f"training and publishing: {total / 60:.1f} min; per step in {timings_path}")

@@ -1,0 +1,51 @@
+"""The bundled demo-scale weights (assets/weights/): the default models, offline, small, and not broken."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tinysr.pipelines import TinySRPipeline, TSDSRPipeline, load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "assets" / "weights"
+EXAMPLE = ROOT / "assets" / "examples" / "lake_boats.png"
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10(F.mse_loss(a.clamp(0, 1), b)))
+
+
+def test_bundled_weights_are_the_defaults_and_restore_a_photo(monkeypatch):
+    for env in ("TINYSR_MODEL", "TSDSR_MODEL", "TSDSR_LORA_DIR"):
+        monkeypatch.delenv(env, raising=False)
+    assert sum(f.stat().st_size for f in WEIGHTS.rglob("*") if f.is_file()) <= 25 * 2**20
+    gt = torch.from_numpy(np.asarray(Image.open(EXAMPLE).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    lr = F.interpolate(gt[None], scale_factor=0.25, mode="bicubic", antialias=True)[0].clamp(0, 1)
+    bicubic = F.interpolate(lr[None], size=gt.shape[-2:], mode="bicubic")[0]
+    for name, cls in (("tinysr", TinySRPipeline), ("tsdsr", TSDSRPipeline)):
+        folder = WEIGHTS / f"{name}-demo"
+        assert "demo scale" in (folder / "README.md").read_text()
+        pipe = load_pipeline(name, device="cpu")
+        assert isinstance(pipe, cls) and pipe.transformer.dtype == torch.float32
+        out = pipe(lr).image
+        assert out.shape == gt.shape
+        # random weights land near 10 dB; trained ones near bicubic (they also denoise and sharpen)
+        assert psnr(out, gt) > psnr(bicubic, gt) - 3.0
+
+
+def test_app_defaults_to_the_bundled_demo_weights(monkeypatch):
+    import app
+
+    for env in ("TINYSR_MODEL", "TSDSR_MODEL", "TSDSR_LORA_DIR"):
+        monkeypatch.delenv(env, raising=False)
+    app.get_pipeline.cache_clear()
+    try:
+        assert "demo scale" in app.model_label("tinysr") and "demo scale" in app.model_label("tsdsr")
+        (left, right), rep_l, rep_r, file_l, file_r, _ = app.compare(str(ROOT / "assets" / "examples" / "copy_centre.png"), "tinysr", "tsdsr")
+        assert left.size == right.size == (800, 600)
+        assert "Latency" in rep_l and "Latency" in rep_r and file_l and file_r
+    finally:
+        app.get_pipeline.cache_clear()
