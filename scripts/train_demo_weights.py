@@ -74,8 +74,8 @@ def first_last_loss(run: Path, stage: str) -> dict:
     if not rows:
         return {}
     # one logged value is one batch: average a few so the first -> last change is not batch noise
-    mean = lambda part: sum(r["loss"] for r in part) / len(part)  # noqa: E731
-    return {"steps": rows[-1]["step"], "first_loss": mean(rows[:LOSS_WINDOW]), "last_loss": mean(rows[-LOSS_WINDOW:])}
+    first, last = rows[:LOSS_WINDOW], rows[-LOSS_WINDOW:]
+    return {"steps": rows[-1]["step"], "first_loss": sum(r["loss"] for r in first) / len(first), "last_loss": sum(r["loss"] for r in last) / len(last)}
 
 
 def main() -> int:

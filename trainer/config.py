@@ -80,7 +80,7 @@ class TinyVAEConfig:
 class StandInConfig:
     """Demo only: diffusers configs of the small base VAE and teacher trained in place of SD3 / TSD-SR."""
 
-    vae_class: str = "AutoencoderKL"  # or TinyAutoencoder
+    vae_class: str = "AutoencoderKL"  # a key of tinysr.pipelines.tsdsr.TEACHER_VAES
     vae: dict[str, Any] = field(default_factory=dict)  # vae_class(**vae)
     transformer: dict[str, Any] = field(default_factory=dict)  # SD3Transformer2DModel(**transformer)
     prompt_tokens: int = 16

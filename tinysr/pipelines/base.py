@@ -42,7 +42,7 @@ class SRResult:
 
 
 def vae_encode(vae, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic latent: the posterior mean for AutoencoderKL, the encoder output for TinyAutoencoder."""
+    """Deterministic latent: the posterior mean for AutoencoderKL, the encoder output for the others."""
     if isinstance(vae, AutoencoderKL):
         return vae.encode(x).latent_dist.mean
     return vae.encode(x)

@@ -76,7 +76,9 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
         with run.accelerator.accumulate(model):
             y, kl = model(x)
             l1 = F.l1_loss(y.float(), x.float())
-            loss, logs = s.w_l1 * l1 + s.w_kl * kl, {"l1": l1.item(), "kl": kl.item()}
+            loss, logs = s.w_l1 * l1 + s.w_kl * kl, {"l1": l1.item()}
+            if isinstance(vae, AutoencoderKL):
+                logs["kl"] = kl.item()
             if lpips is not None:
                 p = lpips(y.float(), x.float())
                 loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
