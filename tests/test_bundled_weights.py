@@ -49,3 +49,25 @@ def test_app_defaults_to_the_bundled_demo_weights(monkeypatch):
         assert "Latency" in rep_l and "Latency" in rep_r and file_l and file_r
     finally:
         app.get_pipeline.cache_clear()
+
+
+def test_retraining_check_reports_how_far_a_retrained_tensor_moved(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from scripts.train_demo_weights import weight_differences
+
+    retrained = tmp_path / "weights"
+    shutil.copytree(WEIGHTS, retrained)
+    assert set(weight_differences(retrained).values()) == {0.0}
+    vae = retrained / "tinysr-demo" / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(vae)
+    name = min(tensors)
+    tensors[name] = tensors[name] + 0.25
+    save_file(tensors, vae)
+    differences = weight_differences(retrained)
+    assert differences["tinysr-demo/vae/diffusion_pytorch_model.safetensors"] > 0.2
+    assert differences["tsdsr-demo/transformer/diffusion_pytorch_model.safetensors"] == 0.0
+    save_file({"renamed": tensors[name]}, vae)
+    assert weight_differences(retrained)["tinysr-demo/vae/diffusion_pytorch_model.safetensors"] == float("inf")
