@@ -31,7 +31,7 @@ PCA_BATCHES = 32
 
 
 class Reconstruction(torch.nn.Module):
-    """One forward for reconstruction and KL (zero without a posterior), so DDP sees the whole graph.
+    """One forward for reconstruction and KL (None without a posterior), so DDP sees the whole graph.
 
     An AutoencoderKL decodes its posterior mean, as every user of the VAE here does: decoding samples
     taught a short CPU run to blur; the KL term only keeps latents near N(0, 1).
@@ -43,7 +43,7 @@ class Reconstruction(torch.nn.Module):
 
     def forward(self, x):
         if not isinstance(self.vae, AutoencoderKL):
-            return self.vae(x), x.new_zeros(())
+            return self.vae(x), None
         posterior = self.vae.encode(x).latent_dist
         z = posterior.mean
         return self.vae.decode(z).sample, posterior.kl().mean() / z[0].numel()
@@ -76,9 +76,9 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
         with run.accelerator.accumulate(model):
             y, kl = model(x)
             l1 = F.l1_loss(y.float(), x.float())
-            loss, logs = s.w_l1 * l1 + s.w_kl * kl, {"l1": l1.item()}
-            if isinstance(vae, AutoencoderKL):
-                logs["kl"] = kl.item()
+            loss, logs = s.w_l1 * l1, {"l1": l1.item()}
+            if kl is not None:
+                loss, logs["kl"] = loss + s.w_kl * kl, kl.item()
             if lpips is not None:
                 p = lpips(y.float(), x.float())
                 loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
