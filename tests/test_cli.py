@@ -6,13 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tinysr import TinySRPipeline
 from tinysr.errors import ImageError
 from tinysr.imageio import load_image
 
-from .test_pipeline import write_tinysr_release
+from .conftest import random_image
+from .test_release import official_release
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,19 +102,20 @@ def test_load_image_rejects_before_decoding(tmp_path):
 
 
 def test_convert_official_release_then_upscale(tmp_path):
-    write_tinysr_release(tmp_path / "release")
+    official_release(tmp_path / "release", dtype=torch.float16)  # prune_merge.py saves fp16
     out = tmp_path / "converted"
-    r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out)
+    r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out, "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "TinySRPipeline"
-    pipe = TinySRPipeline.from_pretrained(out)
-    assert next(pipe.transformer.parameters()).dtype.is_floating_point
+    img = random_image(32, 32)
+    assert torch.equal(TinySRPipeline.from_pretrained(out)(img).image, TinySRPipeline.from_release(tmp_path / "release")(img).image)
+    r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out)
     from safetensors import safe_open
 
     with safe_open(out / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor("proj_out.weight").dtype.itemsize == 2  # fp16 on disk
     r = cli("convert", "tinysr", "--release", tmp_path / "nothing", "-o", out)
-    assert r.returncode == 2 and "config.json" in r.stderr
+    assert r.returncode == 2 and "prune-12-merge-tinysr" in r.stderr
 
 
 def test_bench_smoke(tmp_path):

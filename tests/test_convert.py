@@ -5,7 +5,8 @@ import torch
 from peft import LoraConfig
 
 from tinysr.convert import tinysr_transformer_from_sd3
-from tinysr.weights import TSDSR_TRANSFORMER_LORA_TARGETS, merge_lora
+from tinysr.release import TSDSR_TRANSFORMER_LORA_TARGETS
+from tinysr.weights import merge_lora
 
 from .conftest import make_sd3
 

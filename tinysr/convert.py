@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 
 from .models import TinySRTransformer
 
@@ -32,12 +33,18 @@ def effective_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def fold_modulation(sd3: SD3Transformer2DModel, pooled_projections: torch.Tensor, timestep: float):
-    """The constant (6, dim) modulation of every SD3 block and the (2, dim) final scale/shift."""
-    param = next(sd3.parameters())
+def modulation_input(time_text_embed: torch.nn.Module, pooled_projections: torch.Tensor, timestep: float) -> torch.Tensor:
+    """SiLU of SD3's timestep + pooled-prompt embedding: the input of every adaLN linear, constant here."""
+    param = next(time_text_embed.parameters())
     pooled = pooled_projections.reshape(1, -1).to(param.device, param.dtype)
     t = torch.tensor([timestep], device=param.device, dtype=param.dtype)
-    temb = F.silu(sd3.time_text_embed(t, pooled))
+    return F.silu(time_text_embed(t, pooled))
+
+
+@torch.no_grad()
+def fold_modulation(sd3: SD3Transformer2DModel, pooled_projections: torch.Tensor, timestep: float):
+    """The constant (6, dim) modulation of every SD3 block and the (2, dim) final scale/shift."""
+    temb = modulation_input(sd3.time_text_embed, pooled_projections, timestep)
     blocks = [block.norm1.linear(temb).reshape(6, -1) for block in sd3.transformer_blocks]
     final = sd3.norm_out.linear(temb).reshape(2, -1)
     return blocks, final
@@ -92,3 +99,45 @@ def tinysr_transformer_from_sd3(
     state["pos_embed.pos_embed"] = student.pos_embed.pos_embed
     student.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return student if sd3.dtype == torch.float32 else student.to(sd3.dtype)
+
+
+@torch.no_grad()
+def tinysr_transformer_from_release(
+    state: dict[str, torch.Tensor], config: dict, pooled_projections: torch.Tensor, pos_embed_max_size: int, timestep: float = 1000.0
+) -> TinySRTransformer:
+    """The official TinySD3 tree (LoRA already merged into `state`) -> TinySRTransformer, modulation folded.
+
+    What the release computes on its first forward (timestep + pooled-prompt embedding, every
+    adaLN linear) is evaluated here once; the stored position table is kept as it is.
+    """
+    dim, in_channels, p, _ = state["pos_embed.proj.weight"].shape
+    heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
+    if heads * head_dim != dim or p != config.get("patch_size", 2):
+        raise ValueError(f"config gives {heads} heads of {head_dim} and patch {config.get('patch_size', 2)}; the weights have width {dim}, patch {p}")
+    n = len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")})
+    time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projections.numel())
+    time_text_embed.load_state_dict({k[len("time_text_embed.") :]: v for k, v in state.items() if k.startswith("time_text_embed.")})
+    temb = modulation_input(time_text_embed, pooled_projections.float(), timestep)
+
+    student = TinySRTransformer(
+        sample_size=config.get("sample_size", 128),
+        patch_size=p,
+        in_channels=in_channels,
+        out_channels=state["proj_out.weight"].shape[0] // (p * p),
+        num_layers=n,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        pos_embed_max_size=pos_embed_max_size,
+    )
+    ours = {
+        "norm_out_modulation": F.linear(temb, state["norm_out.linear.weight"], state["norm_out.linear.bias"]).reshape(2, -1),
+        **{k: state[k] for k in ("pos_embed.proj.weight", "pos_embed.proj.bias", "pos_embed.pos_embed", "proj_out.weight", "proj_out.bias")},
+    }
+    layers = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"]
+    for i in range(n):
+        block = f"transformer_blocks.{i}."
+        linear = (state[block + "norm1.linear.weight"], state[block + "norm1.linear.bias"])
+        ours[block + "modulation"] = F.linear(temb, *linear).reshape(6, -1)
+        ours.update({block + f"{name}.{w}": state[block + f"{name}.{w}"] for name in layers for w in ("weight", "bias")})
+    student.load_state_dict(ours, strict=True)
+    return student.eval()

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 from ..errors import MissingWeightsError, WrongModelError
+from ..release import release_kind
 from ..weights import SD3_MEDIUM, read_json, resolve_folder
 from .base import OneStepSRPipeline, SRResult
 from .tinysr import TinySRPipeline
@@ -22,7 +23,8 @@ NAMED_MODELS = {
 def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="fp32") -> OneStepSRPipeline:
     """`tinysr`, `tsdsr`, a baseline (`bicubic`, `realesrgan-x4plus`), or a folder / hub id in our format.
 
-    A folder's model_index.json picks the pipeline class.
+    A folder's model_index.json picks the pipeline class; an official TinySR checkpoint folder
+    (tinybackbone/, tinysr/, vae/) loads as released, its pool_embeds.pt found inside or in TINYSR_EMBEDS_DIR.
 
     `tsdsr` also loads the official layout when TSDSR_LORA_DIR is set (with TSDSR_EMBEDS_DIR and,
     optionally, TSDSR_SD3 for the base model).
@@ -53,6 +55,8 @@ def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="
             + (" For the official TSD-SR layout set TSDSR_LORA_DIR and TSDSR_EMBEDS_DIR." if model == "tsdsr" else ""),
         )
     folder = resolve_folder(model, revision=revision, token=token)
+    if not (folder / "model_index.json").is_file() and release_kind(folder) == "tinysr":
+        return TinySRPipeline.from_release(folder, os.environ.get("TINYSR_EMBEDS_DIR"), **kwargs)
     name = read_json(folder / "model_index.json").get("_class_name")
     if name not in PIPELINES:
         raise WrongModelError(f"{folder} holds a {name}; expected one of {', '.join(PIPELINES)}")

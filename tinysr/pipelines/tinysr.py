@@ -8,7 +8,8 @@ from diffusers import AutoencoderKL
 
 from ..errors import WrongModelError
 from ..models import TinyAutoencoder, TinySRTransformer
-from ..weights import load_component, load_tinysr_release, read_json, resolve_folder
+from ..release import load_tinysr_release
+from ..weights import load_component, read_json, resolve_folder
 from .base import OneStepSRPipeline
 
 

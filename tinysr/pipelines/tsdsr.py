@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import WrongModelError
 from ..models import PatchAutoencoder, TinyAutoencoder
-from ..weights import SD3_MEDIUM, find_file, load_component, load_tsdsr_release, read_json, resolve_folder
+from ..release import load_tsdsr_release
+from ..weights import SD3_MEDIUM, find_file, load_component, read_json, resolve_folder
 from .base import TIMESTEP, OneStepSRPipeline
 
 PROMPT_FILE = "prompt_embeds.safetensors"
