@@ -26,9 +26,17 @@ from tinysr.device import PeakMemory
 from tinysr.errors import MissingWeightsError, TinySRError
 from tinysr.imageio import LoadedImage, load_image, to_pil
 from tinysr.metrics import METRICS, MetricSuite
-from tinysr.pipelines import NAMED_MODELS, load_pipeline
+from tinysr.official import RECIPES
+from tinysr.pipelines import NAMED_MODELS, OneStepSRPipeline, load_pipeline
 from trainer.config import STAGES
-from trainer.launch import PRECISIONS, RUNS, LaunchError, LaunchRequest, TrainingJob, available_configs
+from trainer.launch import (
+    PRECISIONS,
+    RUNS,
+    LaunchError,
+    LaunchRequest,
+    TrainingJob,
+    available_configs,
+)
 
 try:
     import spaces
@@ -49,6 +57,7 @@ TITLES = {"tinysr": "TinySR", "tsdsr": "TSD-SR", "realesrgan-x4plus": "Real-ESRG
 MAX_PIXELS = int(os.environ.get("TINYSR_MAX_PIXELS", 1024 * 1024))
 NR_METRICS = ["niqe", "musiq", "maniqa", "clipiqa"]
 FR_METRICS = ["psnr", "ssim", "lpips", "dists"]
+OFFICIAL_SEED = 42  # the release scripts' --seed default (upstream never applies it to the posterior sample)
 DEGRADE_MAX_SIDE = 512  # the clean photo is centre-cropped to this before degrading (LR 128 px)
 JOB = TrainingJob()
 OUTPUTS = Path(tempfile.mkdtemp(prefix="tinysr-app-"))
@@ -133,17 +142,21 @@ def run_model(name: str, image: LoadedImage, options: dict, gt: torch.Tensor | N
     except TinySRError as e:
         return None, f"### {TITLES[name]}: cannot load\n{e}", None
     color_fix = None if options["color_fix"] == "model default" else options["color_fix"]
+    recipe = options.get("recipe", "default")
+    # the official recipe is the release scripts' (diffusion models only); TSD-SR's posterior sample seeded
+    extra = {"recipe": recipe, "seed": OFFICIAL_SEED} if isinstance(pipe, OneStepSRPipeline) and recipe != "default" else {}
     try:
         with PeakMemory(pipe.device) as memory:
-            result = pipe(image, color_fix=color_fix, tile_size=int(options["tile"]), tile_overlap=int(options["overlap"]))
-    except TinySRError as e:
+            result = pipe(image, color_fix=color_fix, tile_size=int(options["tile"]), tile_overlap=int(options["overlap"]), **extra)
+    except (TinySRError, ValueError) as e:
         raise gr.Error(f"{TITLES[name]}: {e}") from None
     params = sum(pipe.num_parameters().values())
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
     values, unavailable = score(result.image, gt)
     report = (
         f"### {model_label(name)}\n"
-        f"**Latency** ({result.dtype}, {pipe.device}): {timings}  \n"
+        + (f"**Recipe**: official (the release scripts', seed {OFFICIAL_SEED})  \n" if extra else "")
+        + f"**Latency** ({result.dtype}, {pipe.device}): {timings}  \n"
         f"**Peak memory** ({memory.kind}): {memory.peak_bytes / 2**20:.0f} MiB  \n"
         f"**Parameters**: {params / 1e6:.2f} M\n\n" + format_scores(values, unavailable)
     )
@@ -174,11 +187,14 @@ def slider_pair(images: dict, view: str):
 
 
 @gpu
-def compare(path, left, right, color_fix="model default", tile=64, overlap=8, precision="fp32", gt_path=None, view="left | right"):
+def compare(
+    path, left, right, color_fix="model default", tile=64, overlap=8, precision="fp32", gt_path=None, view="left | right",
+    recipe="default",
+):
     """Upscale with two models; returns slider, reports, downloads and the images for other slider views."""
     image = read_upload(path, "an image")
     gt = check_gt(gt_path, image)
-    options = {"color_fix": color_fix, "tile": tile, "overlap": overlap, "precision": precision}
+    options = {"color_fix": color_fix, "tile": tile, "overlap": overlap, "precision": precision, "recipe": recipe}
     left_img, left_report, left_file = run_model(left, image, options, gt)
     right_img, right_report, right_file = run_model(right, image, options, gt)
     images = {"left": left_img, "right": right_img, "bicubic": bicubic_view(image)}
@@ -379,6 +395,10 @@ def build_demo() -> gr.Blocks:
                         tile = gr.Slider(16, 128, value=64, step=8, label="Latent tile size (8 px each)")
                         overlap = gr.Slider(0, 32, value=8, step=2, label="Latent tile overlap")
                         precision = gr.Dropdown(["fp32", "fp16", "bf16"], value="fp32", label="Precision")
+                        recipe = gr.Radio(
+                            list(RECIPES), value="default", label="Recipe",
+                            info="official: the release scripts' pre/post-processing, their PNGs byte for byte (see README, Fidelity)",
+                        )
                     gt = ImageUpload(type="filepath", label="Ground truth (optional, 4x the input): adds PSNR/SSIM/LPIPS/DISTS")
                     run = gr.Button("Upscale x4", variant="primary")
             slider = gr.ImageSlider(label="Comparison", type="pil", format="png", elem_id="comparison")
@@ -392,7 +412,7 @@ def build_demo() -> gr.Blocks:
             images = gr.State({})
             run.click(
                 compare,
-                [image, left, right, color_fix, tile, overlap, precision, gt, view],
+                [image, left, right, color_fix, tile, overlap, precision, gt, view, recipe],
                 [slider, report_left, report_right, file_left, file_right, images],
                 api_name="compare",
             )

@@ -64,6 +64,17 @@ def test_compare_reports_latency_memory_params_and_scores(env_models, tmp_path):
         app.compare(path, "tinysr", "bicubic", gt_path=save_rgb(tmp_path / "bad_gt.png", 10, 10))
 
 
+def test_official_recipe_from_the_advanced_options(env_models, tmp_path):
+    path = save_rgb(tmp_path / "in.png", 32, 40)
+    (left, right), rep_l, rep_r, *_ = app.compare(path, "tinysr", "bicubic", tile=32, recipe="official")
+    assert left.size == right.size == (160, 128)
+    assert "Recipe**: official" in rep_l and "Recipe" not in rep_r  # bicubic has one recipe
+    default = app.compare(path, "tinysr", "bicubic", tile=32)[0][0]
+    assert not np.array_equal(np.asarray(left), np.asarray(default))
+    with pytest.raises(gr.Error, match="position table"):
+        app.compare(path, "tinysr", "bicubic", tile=128, recipe="official")
+
+
 def test_missing_weights_are_a_notice_and_bad_uploads_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYSR_MODEL", str(tmp_path / "absent"))
     app.get_pipeline.cache_clear()

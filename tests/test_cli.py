@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tinysr import TinySRPipeline
+from tinysr import TinySRPipeline, load_pipeline
 from tinysr.errors import ImageError
 from tinysr.imageio import load_image
 
@@ -64,6 +64,24 @@ def test_upscale_folder_keeps_orientation_alpha_and_depth(tiny_folder, inputs, t
     assert "transformer" in r.stdout and "total" in r.stdout
     again = cli("upscale", inputs / "gray.png", "-o", out, "--model", tiny_folder)
     assert again.returncode == 0 and "skip" in again.stderr
+
+
+def test_official_recipe_from_upscale_and_eval(tmp_path):
+    """--recipe official writes the pipeline's official-recipe PNG; `eval --model` takes the same options."""
+    lr = tmp_path / "lr"
+    lr.mkdir()
+    photo(32, 40).save(lr / "a.png")
+    r = cli("upscale", lr / "a.png", "-o", tmp_path / "up", "--recipe", "official", "--tile", "32", "--color-fix", "wavelet")
+    assert r.returncode == 0, r.stderr
+    expected = np.asarray(load_pipeline("tinysr")(str(lr / "a.png"), recipe="official", tile_size=32, color_fix="wavelet").pil)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "up" / "a.png")), expected)
+    r = cli("eval", "--model", "tsdsr", "--lr", lr, "--out", tmp_path / "ev", "--recipe", "official", "--seed", "3",
+            "--tile", "32", "--metrics", "niqe")
+    assert r.returncode == 0, r.stderr
+    again = load_pipeline("tsdsr")(str(lr / "a.png"), recipe="official", seed=3, tile_size=32).pil
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ev" / "a.png")), np.asarray(again))
+    r = cli("upscale", lr / "a.png", "-o", tmp_path / "bi", "--model", "bicubic", "--recipe", "official")
+    assert r.returncode == 2 and "bicubic has only the default" in r.stderr
 
 
 def test_bad_inputs_are_reported_and_the_rest_still_done(tiny_folder, tmp_path):

@@ -172,12 +172,12 @@ def test_tsdsr_release_merges_lora_and_round_trips(tmp_path):
     pipe = TSDSRPipeline.from_release(tmp_path / "sd3", tmp_path / "lora", tmp_path / "embeds")
     assert not any("lora" in n for n, _ in pipe.transformer.named_parameters())
     x = random_image(64, 64)[None] * 2 - 1
-    ref = reference._run(x, 64, 8, 128, 16, {})
-    assert (pipe._run(x, 64, 8, 128, 16, {}) - ref).abs().max() < 1e-4
+    ref = reference._run(x, "default", 64, 8, 128, 16, None, {})
+    assert (pipe._run(x, "default", 64, 8, 128, 16, None, {}) - ref).abs().max() < 1e-4
     folder = pipe.save_pretrained(tmp_path / "ours")
     again = load_pipeline(str(folder))
     assert isinstance(again, TSDSRPipeline)
-    assert (again._run(x, 64, 8, 128, 16, {}) - ref).abs().max() < 1e-4
+    assert (again._run(x, "default", 64, 8, 128, 16, None, {}) - ref).abs().max() < 1e-4
 
 
 def test_tsdsr_release_bad_files(tmp_path):

@@ -31,8 +31,10 @@ def test_normalised_weights_sum_to_one():
 
 def test_gaussian_weights_peak_in_the_middle_and_are_symmetric():
     w = gaussian_tile_weights(9, 9)
-    assert w[4, 4] == w.max()
+    assert w[4, 4] == w.max() and w.dtype == torch.float64
     assert torch.allclose(w, w.flip(0)) and torch.allclose(w, w.flip(1))
+    shifted = gaussian_tile_weights(8, 8, y_midpoint=4.0)  # the release scripts' y midpoint H/2
+    assert shifted[4].sum() == shifted.sum(1).max() and not torch.allclose(shifted, shifted.flip(0))
 
 
 def test_single_tile_is_exactly_the_untiled_call():

@@ -82,12 +82,16 @@ class BaselineUpscaler:
         raise NotImplementedError
 
     @torch.no_grad()
-    def __call__(self, image, *, color_fix: str | None = None, tile_size=None, tile_overlap=None, max_pixels=None, **ignored):
+    def __call__(
+        self, image, *, recipe="default", color_fix: str | None = None, tile_size=None, tile_overlap=None, max_pixels=None, **ignored
+    ):
         """Upscale x4. `image`: a path, PIL image, LoadedImage, or CHW float tensor in [0, 1].
 
         `color_fix` defaults to none (any fix is made against the bicubic upscale). Options of
-        the diffusion pipelines that do not apply here (VAE tiles) are accepted and ignored.
+        the diffusion pipelines that do not apply here (VAE tiles, seed) are accepted and ignored.
         """
+        if recipe != "default":
+            raise ValueError(f"recipe {recipe!r} is the release scripts' recipe for tinysr and tsdsr; baselines have only the default")
         color_fix = color_fix or self.default_color_fix
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")

@@ -11,6 +11,28 @@ from .device import DTYPES
 from .errors import TinySRError
 from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
 from .metrics import DEFAULT_METRICS, METRICS
+from .official import RECIPES
+
+
+def add_recipe_options(p):
+    p.add_argument("--recipe", choices=RECIPES, default="default",
+                   help="official: the release scripts' pre/post-processing, their PNGs byte for byte (README: Fidelity)")
+    p.add_argument("--seed", type=int, default=None, help="official recipe: seed of TSD-SR's posterior sample (unseeded upstream)")
+    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None, help="default: the model's own (TinySR adain, TSD-SR wavelet)")
+
+
+def recipe_kwargs(args) -> dict:
+    return {"recipe": args.recipe, "seed": args.seed, "color_fix": args.color_fix}
+
+
+def recipe_refused(args, pipe) -> bool:
+    """Baselines have only our recipe; say so once instead of failing on every image."""
+    from .pipelines import OneStepSRPipeline
+
+    if args.recipe != "default" and not isinstance(pipe, OneStepSRPipeline):
+        print(f"error: --recipe {args.recipe} is the release scripts' recipe for tinysr and tsdsr; {args.model} has only the default", file=sys.stderr)
+        return True
+    return False
 
 
 def add_upscale(sub):
@@ -21,9 +43,9 @@ def add_upscale(sub):
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--tile", type=int, default=64, help="latent tile size (8 image pixels per latent pixel)")
     p.add_argument("--tile-overlap", type=int, default=8)
-    p.add_argument("--vae-tile", type=int, default=128, help="latent tile size of the VAE")
+    p.add_argument("--vae-tile", type=int, default=None, help="latent tile size of the VAE (default 128; official recipe: untiled)")
     p.add_argument("--vae-tile-overlap", type=int, default=16)
-    p.add_argument("--color-fix", choices=COLOR_FIXES, default=None, help="default: the model's own (TinySR adain, TSD-SR wavelet)")
+    add_recipe_options(p)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger inputs (checked before decoding)")
@@ -43,6 +65,8 @@ def run_upscale(args) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    if recipe_refused(args, pipe):
+        return 2
     failures = 0
     bar = tqdm(files, unit="img", file=sys.stderr)
     for path in bar:
@@ -55,7 +79,7 @@ def run_upscale(args) -> int:
             loaded = load_image(path, max_pixels=args.max_pixels)
             result = pipe(
                 loaded,
-                color_fix=args.color_fix,
+                **recipe_kwargs(args),
                 tile_size=args.tile,
                 tile_overlap=args.tile_overlap,
                 vae_tile_size=args.vae_tile,
@@ -149,7 +173,9 @@ def add_eval(sub):
     p.add_argument("--model", help="run this model over --lr first: tinysr, tsdsr, bicubic, realesrgan-x4plus, a folder or hub id")
     p.add_argument("--lr", help="folder of low-resolution inputs (with --model)")
     p.add_argument("--out", help="where --model writes its outputs (with --model)")
+    p.add_argument("--tile", type=int, default=64, help="with --model: latent tile size")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list from: {', '.join(METRICS)}")
+    add_recipe_options(p)
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write {average, per_image, unavailable} here")
@@ -172,7 +198,9 @@ def run_eval(args) -> int:
 
         device = state.device if state.num_processes > 1 else pick_device(args.device)
         pipe = load_pipeline(args.model, device=device, dtype=args.dtype)
-        run = upscale_folder(pipe, args.lr, args.out)
+        if recipe_refused(args, pipe):
+            return 2
+        run = upscale_folder(pipe, args.lr, args.out, tile_size=args.tile, **recipe_kwargs(args))
         if state.is_main_process:
             stages = ", ".join(f"{k} {v / max(run['images'], 1):.3f}s" for k, v in run["stage_s"].items())
             print(f"{args.model}: {run['images']} images in {run['wall_s']:.1f}s (per image: {stages})", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""Colour correction of the SR output against the bicubic-upscaled input (images in [0, 1], NCHW)."""
+"""Colour correction of the SR output against a reference (images in [0, 1], NCHW).
+
+The arithmetic is the release scripts' (`utils/wavelet_color_fix.py`, after StableSR), operation
+for operation, so the official recipe reproduces their output; our default recipe passes the
+bicubic-upscaled input as the reference where the scripts pass the LR itself to AdaIN.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -6,29 +11,40 @@ import torch.nn.functional as F
 COLOR_FIXES = ("adain", "wavelet", "none")
 
 
-def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Give each channel of `image` the mean and standard deviation of `reference`."""
-    mean_i, std_i = image.mean((-2, -1), keepdim=True), (image.var((-2, -1), keepdim=True) + eps).sqrt()
-    mean_r, std_r = reference.mean((-2, -1), keepdim=True), (reference.var((-2, -1), keepdim=True) + eps).sqrt()
+def channel_mean_std(image: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    b, c = image.shape[:2]
+    flat = image.reshape(b, c, -1)
+    return flat.mean(dim=2).reshape(b, c, 1, 1), (flat.var(dim=2) + eps).sqrt().reshape(b, c, 1, 1)
+
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Give each channel of `image` the mean and standard deviation of `reference` (any size)."""
+    mean_i, std_i = channel_mean_std(image)
+    mean_r, std_r = channel_mean_std(reference)
     return ((image - mean_i) / std_i * std_r + mean_r).clamp(0, 1)
 
 
-def wavelet_low_frequency(image: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """Repeated dilated 3x3 binomial blur (a trous wavelet): what remains after removing detail."""
-    kernel = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], device=image.device) / 16
+def wavelet_blur(image: torch.Tensor, dilation: int) -> torch.Tensor:
+    """One a-trous level: the 3x3 binomial kernel, dilated, with replicated borders."""
+    kernel = torch.tensor([[0.0625, 0.125, 0.0625], [0.125, 0.25, 0.125], [0.0625, 0.125, 0.0625]], dtype=image.dtype, device=image.device)
     c = image.shape[1]
-    kernel = kernel.to(image.dtype).expand(c, 1, 3, 3)
-    low = image
+    padded = F.pad(image, (dilation,) * 4, mode="replicate")
+    return F.conv2d(padded, kernel[None, None].repeat(c, 1, 1, 1), groups=c, dilation=dilation)
+
+
+def wavelet_decomposition(image: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the detail bands, what remains after removing them)."""
+    high = torch.zeros_like(image)
     for i in range(levels):
-        d = 2**i
-        padded = F.pad(low, (d, d, d, d), mode="replicate")
-        low = F.conv2d(padded, kernel, groups=c, dilation=d)
-    return low
+        low = wavelet_blur(image, 2**i)
+        high += image - low
+        image = low
+    return high, low
 
 
 def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Keep the high frequencies of `image` and the low frequencies (colour, shading) of `reference`."""
-    return (image - wavelet_low_frequency(image) + wavelet_low_frequency(reference)).clamp(0, 1)
+    return (wavelet_decomposition(image)[0] + wavelet_decomposition(reference)[1]).clamp(0, 1)
 
 
 def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, method: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ grids, so one function tiles the transformer (1, 1), a VAE encoder (8, 1) and a 
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -22,15 +23,18 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[in
     return starts
 
 
-def gaussian_tile_weights(height: int, width: int, var: float = 0.01) -> torch.Tensor:
-    """Separable Gaussian bump peaking at the tile centre (as in MultiDiffusion-style SR tiling)."""
+def gaussian_tile_weights(height: int, width: int, var: float = 0.01, y_midpoint: float | None = None) -> torch.Tensor:
+    """Separable Gaussian bump peaking at the tile centre, float64 (MultiDiffusion-style SR tiling).
 
-    def bump(n: int) -> torch.Tensor:
-        x = torch.arange(n, dtype=torch.float64)
-        mid = (n - 1) / 2
-        return torch.exp(-((x - mid) ** 2) / (n * n) / (2 * var)) / (2 * torch.pi * var) ** 0.5
+    Computed value by value with numpy's scalar exp, as the release scripts do; they put the y
+    midpoint at H/2 (`y_midpoint`), ours is (H-1)/2 like x.
+    """
 
-    return torch.outer(bump(height), bump(width)).float()
+    def bump(n: int, mid: float) -> list:
+        return [np.exp(-(i - mid) * (i - mid) / (n * n) / (2 * var)) / np.sqrt(2 * np.pi * var) for i in range(n)]
+
+    y_mid = (height - 1) / 2 if y_midpoint is None else y_midpoint
+    return torch.from_numpy(np.outer(bump(height, y_mid), bump(width, (width - 1) / 2)))
 
 
 def tile_boxes(height: int, width: int, tile: int, overlap: int, align: int = 1) -> list[tuple[int, int, int, int]]:
@@ -68,7 +72,7 @@ def tiled_map(
         if out is None:
             out = y.new_zeros(*y.shape[:-2], height * y_scale, width * y_scale)
             weight_sum = y.new_zeros(height * y_scale, width * y_scale)
-        w = gaussian_tile_weights(th * y_scale, tw * y_scale).to(y.device)
+        w = gaussian_tile_weights(th * y_scale, tw * y_scale).to(y.device, torch.float32)
         s = y_scale
         out[..., top * s : (top + th) * s, left * s : (left + tw) * s] += y * w
         weight_sum[top * s : (top + th) * s, left * s : (left + tw) * s] += w

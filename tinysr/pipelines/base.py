@@ -13,11 +13,19 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
+from torchvision.transforms.functional import to_tensor
 
 from ..color import COLOR_FIXES, apply_color_fix
 from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, timed
 from ..errors import NumericalError
 from ..imageio import as_loaded_image, to_pil
+from ..official import (
+    RECIPES,
+    official_color_fix,
+    official_sizes,
+    official_tiled_predict,
+    quantize_like_script,
+)
 from ..tiling import tiled_map
 
 SCALE = 4
@@ -41,10 +49,11 @@ class SRResult:
         return to_pil(self.image, self.alpha, self.grayscale, self.bit_depth)
 
 
-def vae_encode(vae, x: torch.Tensor) -> torch.Tensor:
-    """Deterministic latent: the posterior mean for AutoencoderKL, the encoder output for the others."""
+def vae_encode(vae, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The posterior mean for AutoencoderKL (a sample when `sample`, as the release scripts take), else the encoder output."""
     if isinstance(vae, AutoencoderKL):
-        return vae.encode(x).latent_dist.mean
+        posterior = vae.encode(x).latent_dist
+        return posterior.sample(generator) if sample else posterior.mean
     return vae.encode(x)
 
 
@@ -114,8 +123,6 @@ class OneStepSRPipeline:
             torch.nn.Module.to(module, self.device, self.dtype)
             if self.dtype != torch.float16:
                 self._restore_fp16_overflows(name, module)
-        # convolutions run about 2x faster channels-last on CPU (and on tensor cores)
-        torch.nn.Module.to(self.vae, memory_format=torch.channels_last)
         return self
 
     @torch.no_grad()
@@ -141,10 +148,17 @@ class OneStepSRPipeline:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
 
     # the three stages, each tiled; `_run` chains them and the benchmark times them one by one
-    def encode_latents(self, x: torch.Tensor, vae_tile_size: int = 128, vae_tile_overlap: int = 16) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> scaled latent."""
-        x = x.to(self.device, self.dtype, memory_format=torch.channels_last)
-        z = tiled_map(lambda t: vae_encode(self.vae, t), x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae))
+    def encode_latents(
+        self, x: torch.Tensor, vae_tile_size: int | None = 128, vae_tile_overlap: int = 16, *,
+        sample: bool = False, generator: torch.Generator | None = None, memory_format=torch.channels_last,
+    ) -> torch.Tensor:
+        """(1, 3, H, W) in [-1, 1] -> scaled latent; `vae_tile_size=None` encodes in one piece."""
+        x = x.to(self.device, self.dtype, memory_format=memory_format)
+
+        def encode(t):
+            return vae_encode(self.vae, t, sample, generator)
+
+        z = encode(x) if vae_tile_size is None else tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae))
         return z * self.vae.config.scaling_factor
 
     def predict_tiled(self, z: torch.Tensor, tile_size: int = 64, tile_overlap: int = 8) -> torch.Tensor:
@@ -153,55 +167,80 @@ class OneStepSRPipeline:
         tile_size -= tile_size % self.latent_multiple
         return tiled_map(self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple)
 
-    def decode_latents(self, z: torch.Tensor, vae_tile_size: int = 128, vae_tile_overlap: int = 16) -> torch.Tensor:
-        z = (z / self.vae.config.scaling_factor).contiguous(memory_format=torch.channels_last)
-        return tiled_map(lambda t: vae_decode(self.vae, t), z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae))
+    def decode_latents(
+        self, z: torch.Tensor, vae_tile_size: int | None = 128, vae_tile_overlap: int = 16, *, memory_format=torch.channels_last
+    ) -> torch.Tensor:
+        z = (z / self.vae.config.scaling_factor).contiguous(memory_format=memory_format)
+
+        def decode(t):
+            return vae_decode(self.vae, t)
+
+        return decode(z) if vae_tile_size is None else tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae))
 
     @torch.no_grad()
-    def _run(self, x: torch.Tensor, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings) -> torch.Tensor:
-        """x: (1, 3, H, W) in [-1, 1], H and W multiples of the VAE and patch size; returns [-1, 1]."""
+    def _run(self, x, recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings) -> torch.Tensor:
+        """x: (1, 3, H, W) in [-1, 1] on the pipeline's device and dtype; returns the decoded [-1, 1] image.
+
+        The official recipe runs the VAE in contiguous memory (channels-last convolutions round
+        differently), samples AutoencoderKL's posterior and tiles the latent as the scripts do.
+        """
+        official = recipe == "official"
+        # ours: convolutions run about 2x faster channels-last on CPU (and on tensor cores)
+        memory_format = torch.contiguous_format if official else torch.channels_last
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         with timed(timings, "encode", self.device):
-            z = self.encode_latents(x, vae_tile_size, vae_tile_overlap)
+            z = self.encode_latents(
+                x, vae_tile_size, vae_tile_overlap, sample=official, generator=generator, memory_format=memory_format
+            )
         with timed(timings, "transformer", self.device):
-            z = z - self.predict_tiled(z, tile_size, tile_overlap)
+            if official:
+                z = z - official_tiled_predict(self.predict, z, tile_size, tile_overlap)
+            else:
+                z = z - self.predict_tiled(z, tile_size, tile_overlap)
         with timed(timings, "decode", self.device):
-            y = self.decode_latents(z, vae_tile_size, vae_tile_overlap)
-        return y.float()
+            return self.decode_latents(z, vae_tile_size, vae_tile_overlap, memory_format=memory_format)
 
     def __call__(
         self,
         image,
         *,
+        recipe: str = "default",
         color_fix: str | None = None,
         tile_size: int = 64,
         tile_overlap: int = 8,
-        vae_tile_size: int = 128,
+        vae_tile_size: int | None = None,
         vae_tile_overlap: int = 16,
         max_pixels: int | None = None,
+        seed: int | None = None,
     ) -> SRResult:
         """Upscale x4. `image`: a path, PIL image, LoadedImage, or CHW float tensor in [0, 1].
 
-        Tile sizes are in latent pixels (8 image pixels each); inputs of any size are padded,
-        never distorted, and the output is exactly 4x the input.
+        recipe "default" (ours): inputs of any size are padded, never distorted; the output is
+        exactly 4x the input, alpha, grayscale and 16-bit kept; the VAE is tiled (128 latent px
+        unless `vae_tile_size` says otherwise). recipe "official": the release scripts' arithmetic,
+        8-bit RGB in and out, no VAE tiling unless `vae_tile_size` is given, TSD-SR's posterior
+        sampled with `seed` (unseeded upstream). Tile sizes are in latent pixels (8 image pixels each).
         """
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         color_fix = color_fix or self.default_color_fix
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
         if tile_size < 2 * self.latent_multiple or tile_overlap < 0 or tile_overlap >= tile_size:
             raise ValueError(f"need tile_size >= {2 * self.latent_multiple} and 0 <= tile_overlap < tile_size")
-        if vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size:
+        if recipe == "official" and tile_size > self.max_latent_tile:
+            raise ValueError(f"tile_size {tile_size} exceeds the {self.max_latent_tile} latent pixels the position table covers")
+        if vae_tile_size is None and recipe == "default":
+            vae_tile_size = 128
+        if vae_tile_size is not None and (vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size):
             raise ValueError("need vae_tile_size >= 4 and 0 <= vae_tile_overlap < vae_tile_size")
         loaded = as_loaded_image(image, max_pixels)
         timings: dict = {}
         start = time.perf_counter()
-        rgb = loaded.rgb[None].float()
-        h, w = rgb.shape[-2:]
-        ph, pw = processing_size(h, w)
+        prepare, finish = (self._official_input, self._official_output) if recipe == "official" else (self._input, self._output)
         with timed(timings, "preprocess", self.device):
-            upscaled = F.interpolate(rgb, size=(ph, pw), mode="bicubic", align_corners=False).clamp(0, 1)
-            multiple = vae_downscale(self.vae) * self.latent_multiple
-            x = pad_to_multiple(upscaled * 2 - 1, multiple)
-        args = (tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, timings)
+            x, context = prepare(loaded)
+        args = (recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings)
         y = self._run(x, *args)
         if self.dtype == torch.float16 and self._fp16_failed(y, x):
             retry = fallback_dtype(self.device)
@@ -209,20 +248,56 @@ class OneStepSRPipeline:
             self.to(dtype=retry)
             for stage in ("encode", "transformer", "decode"):
                 timings.pop(stage)
+            x, context = prepare(loaded)
             y = self._run(x, *args)
         if not torch.isfinite(y).all():
             raise NumericalError(f"the model produced NaN/inf in {dtype_name(self.dtype)}; check the weights")
         with timed(timings, "postprocess", self.device):
-            y = ((y[..., :ph, :pw].clamp(-1, 1) + 1) / 2).cpu()
-            y = apply_color_fix(y, upscaled, color_fix)
-            out_size = (h * SCALE, w * SCALE)
-            if (ph, pw) != out_size:
-                y = F.interpolate(y, size=out_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-            alpha = None
-            if loaded.alpha is not None:
-                alpha = F.interpolate(loaded.alpha[None], size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)[0]
+            result = finish(y, loaded, context, color_fix)
         timings["total"] = time.perf_counter() - start
-        return SRResult(y[0], timings, dtype_name(self.dtype), alpha, loaded.grayscale, loaded.bit_depth)
+        result.timings, result.dtype = timings, dtype_name(self.dtype)
+        return result
+
+    def _input(self, loaded):
+        """Ours: bicubic x4 (short side to 512 first), clamped, padded to the latent grid."""
+        rgb = loaded.rgb[None].float()
+        size = processing_size(*rgb.shape[-2:])
+        upscaled = F.interpolate(rgb, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+        x = pad_to_multiple(upscaled * 2 - 1, vae_downscale(self.vae) * self.latent_multiple)
+        return x.to(self.device, self.dtype), upscaled
+
+    def _output(self, y, loaded, upscaled, color_fix) -> SRResult:
+        ph, pw = upscaled.shape[-2:]
+        y = ((y.float()[..., :ph, :pw].clamp(-1, 1) + 1) / 2).cpu()
+        y = apply_color_fix(y, upscaled, color_fix)
+        h, w = loaded.rgb.shape[-2:]
+        out_size = (h * SCALE, w * SCALE)
+        if (ph, pw) != out_size:
+            y = F.interpolate(y, size=out_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        alpha = None
+        if loaded.alpha is not None:
+            alpha = F.interpolate(loaded.alpha[None], size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)[0]
+        return SRResult(y[0], alpha=alpha, grayscale=loaded.grayscale, bit_depth=loaded.bit_depth)
+
+    # the scripts clamp the bicubic input to [-1, 1] for TSD-SR, not for TinySR
+    official_clamps_input = False
+
+    def _official_input(self, loaded):
+        """The scripts' preprocessing: 8-bit RGB, their size rule, torch bicubic in the model's precision."""
+        lr = to_pil(loaded.rgb)
+        height, width, resized = official_sizes(lr.width, lr.height)
+        x = to_tensor(lr)[None].to(self.device, self.dtype)
+        x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False) * 2 - 1
+        x = x.to(self.device, self.dtype)
+        return (x.clamp(-1, 1) if self.official_clamps_input else x), (lr, resized)
+
+    def _official_output(self, y, loaded, context, color_fix) -> SRResult:
+        """ToPILImage truncation, PIL bicubic back to 4x when resized, colour fix on the PIL images."""
+        lr, resized = context
+        out = quantize_like_script(y[0].clamp(-1, 1).cpu() / 2 + 0.5)
+        if resized:
+            out = out.resize((lr.width * SCALE, lr.height * SCALE), Image.Resampling.BICUBIC)
+        return SRResult(to_tensor(official_color_fix(out, lr, color_fix)))
 
     @staticmethod
     def _fp16_failed(y: torch.Tensor, x: torch.Tensor) -> bool:

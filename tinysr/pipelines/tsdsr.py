@@ -21,6 +21,7 @@ TEACHER_VAES = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoenc
 class TSDSRPipeline(OneStepSRPipeline):
     default_color_fix = "wavelet"
     model_index_name = "TSDSRPipeline"
+    official_clamps_input = True
 
     def __init__(self, transformer, vae, prompt_embeds, pooled_embeds, *, device=None, dtype="fp32"):
         self.prompt_embeds = prompt_embeds.reshape(1, -1, prompt_embeds.shape[-1])

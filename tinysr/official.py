@@ -1,0 +1,86 @@
+"""The release scripts' recipe (`test/test_tinysr.py`, `test/test_tsdsr.py`), operation for operation.
+
+`recipe="official"` in the pipelines uses these pieces so that, for the same weights, its 8-bit
+output is the PNG the authors' script saves. Where the scripts differ from our default recipe is
+listed in the README's Fidelity section.
+"""
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms.functional import to_pil_image, to_tensor
+
+from .color import adain_color_fix, wavelet_color_fix
+from .tiling import gaussian_tile_weights
+
+RECIPES = ("default", "official")  # ours, and the release scripts'
+UPSCALE = 4
+PROCESS_SIZE = 512
+
+
+def official_sizes(width: int, height: int) -> tuple[int, int, bool]:
+    """(height, width) of the bicubic target, and whether the output is PIL-resized back to 4x the input.
+
+    Inputs with a side under 128 are enlarged so the short side reaches 128 (int() truncation),
+    then x4, then each side is trimmed to a multiple of 8.
+    """
+    resized = False
+    if width < PROCESS_SIZE // UPSCALE or height < PROCESS_SIZE // UPSCALE:
+        scale = (PROCESS_SIZE // UPSCALE) / min(width, height)
+        width, height = int(scale * width), int(scale * height)
+        resized = True
+    width, height = UPSCALE * width, UPSCALE * height
+    if width % 8 or height % 8:
+        resized = True
+        width, height = width - width % 8, height - height % 8
+    return height, width, resized
+
+
+def official_tile_offsets(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile starts along one axis: stride tile - overlap, the last tile flush with the end."""
+    count, end = 0, 0
+    while end < length:
+        end = max(count * tile - overlap * count, 0) + tile
+        count += 1
+    return [max(i * tile - overlap * i, 0) for i in range(count - 1)] + [length - tile]
+
+
+def official_tiled_predict(predict: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
+    """The scripts' `tile_sample`: one call when h*w <= tile^2, else tiles of min(tile, h, w) one at a time.
+
+    The script looks as if it batched a row of tiles, but it empties its list after every call, so
+    each tile runs alone; tiles are visited x-major and blended in float32 with float64 weights
+    whose y midpoint is H/2 (x: (W-1)/2), exactly in that order.
+    """
+    _, _, h, w = z.shape
+    if h * w <= tile * tile:
+        return predict(z).to(z.dtype)
+    tile = min(tile, h, w)
+    weights = gaussian_tile_weights(tile, tile, y_midpoint=tile / 2).to(z.device)[None, None]
+    boxes = [(y, x) for x in official_tile_offsets(w, tile, overlap) for y in official_tile_offsets(h, tile, overlap)]
+    preds = [predict(torch.cat([z[:, :, y : y + tile, x : x + tile]])) for y, x in boxes]
+    total = torch.zeros(z.shape, device=z.device)
+    contributors = torch.zeros(z.shape, device=z.device)
+    for (y, x), pred in zip(boxes, preds):
+        total[:, :, y : y + tile, x : x + tile] += pred * weights
+        contributors[:, :, y : y + tile, x : x + tile] += weights
+    total /= contributors
+    return total.to(z.dtype)
+
+
+def quantize_like_script(image: torch.Tensor) -> Image.Image:
+    """ToPILImage of a [0, 1] CHW tensor: x * 255, truncated (not rounded) to 8 bits."""
+    return to_pil_image(image)
+
+
+def official_color_fix(output: Image.Image, lr: Image.Image, method: str) -> Image.Image:
+    """AdaIN against the original LR, wavelet against the PIL-bicubic x4 LR; each truncates to 8 bits again."""
+    if method == "none":
+        return output
+    if method == "adain":
+        fixed = adain_color_fix(to_tensor(output)[None], to_tensor(lr)[None])
+    else:
+        reference = lr.resize((lr.width * UPSCALE, lr.height * UPSCALE), Image.Resampling.BICUBIC)
+        fixed = wavelet_color_fix(to_tensor(output)[None], to_tensor(reference)[None])
+    return quantize_like_script(fixed[0])
