@@ -29,14 +29,7 @@ from tinysr.metrics import METRICS, MetricSuite
 from tinysr.official import RECIPES
 from tinysr.pipelines import NAMED_MODELS, OneStepSRPipeline, load_pipeline
 from trainer.config import STAGES
-from trainer.launch import (
-    PRECISIONS,
-    RUNS,
-    LaunchError,
-    LaunchRequest,
-    TrainingJob,
-    available_configs,
-)
+from trainer.launch import PRECISIONS, RUNS, LaunchError, LaunchRequest, TrainingJob, available_configs
 
 try:
     import spaces

@@ -14,10 +14,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
-from diffusers.models.embeddings import (
-    CombinedTimestepTextProjEmbeddings,
-    get_2d_sincos_pos_embed,
-)
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, get_2d_sincos_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from peft import LoraConfig
 from safetensors.torch import save_file

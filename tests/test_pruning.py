@@ -57,6 +57,7 @@ def test_sampled_masks_keep_the_budget(couple):
             assert (groups == 2).all()
     if couple:
         assert moved > 50  # the moves do happen
+    sampler.update_ema(0.0)
     d = sampler.decision_mask()
     if couple:
         assert d.view(2, 8).sum(1).tolist() == [4, 4]
@@ -71,15 +72,35 @@ def test_coupling_rule_and_decision():
         sampler.group_logits[0] = torch.tensor([3.0, 2.0, 0, 0, 0, 0])
         sampler.group_logits[1] = torch.tensor([0, 0, 0, 0, 2.0, 3.0])
         sampler.pair_logits[0] = torch.tensor([0.0, 1.0, 0.0])
+    sampler.update_ema(0.0)  # decay 0: the decision follows the logits
     # group 0 loses the block of [1100] that [1010] lacks (1); group 1 gains the one of [0101] it lacks (5)
     assert sampler.kept_blocks() == [0, 5, 6, 7]
     assert sampler.decision()["kept_blocks"] == [0, 5, 6, 7]
     with torch.no_grad():
         sampler.pair_logits[0] = torch.tensor([0.0, 0.0, 1.0])  # second -> first
+    sampler.update_ema(0.0)
     assert sampler.kept_blocks() == [0, 1, 2, 7]  # group 0 gains 2 (from [1010]); group 1 keeps 7 (shared with [0101])
     with torch.no_grad():
         sampler.pair_logits[0] = torch.tensor([1.0, 0.0, 0.0])
+    sampler.update_ema(0.0)
     assert sampler.kept_blocks() == [0, 1, 6, 7]
+
+
+@torch.no_grad()
+def test_decision_comes_from_the_ema_of_the_logits():
+    """TinyFusion and the fork decide from an EMA (0.999) of the gate logits: a late swing does not flip it."""
+    sampler = BlockMaskSampler(8, 4, 2, couple_pairs=False)
+    early, late = torch.tensor([3.0, 0, 0, 0, 0, 0]), torch.tensor([0, 0, 0, 0, 0, 3.5])
+    for step in range(300):
+        sampler.group_logits[:] = early if step < 280 else late
+        sampler.update_ema(0.999)
+    assert sampler.kept_blocks() == [0, 1, 4, 5]  # candidate [1100] in both groups, from the EMA
+    expected = sum(0.999 ** (299 - k) * 0.001 * (3.0 if k < 280 else 0.0) for k in range(300))
+    assert math.isclose(float(sampler.ema_group_logits[0, 0]), expected, rel_tol=1e-4)
+    sampler.update_ema(0.0)
+    assert sampler.kept_blocks() == [2, 3, 6, 7]  # the raw logits' choice, [0011]
+    groups, _ = sampler.probabilities()
+    assert groups[0, 5] > 0.99
 
 
 def test_straight_through_gradient_reaches_logits():
@@ -129,6 +150,7 @@ def test_exported_student_equals_masked_search_model():
     sampler = BlockMaskSampler(8, 4, 2, couple_pairs=True)
     sampler.group_logits.normal_(0, 1, generator=torch.Generator().manual_seed(1))
     sampler.pair_logits.copy_(torch.tensor([[0.0, 2.0, 0.0]]))
+    sampler.update_ema(0.0)
     mask, kept = sampler.decision_mask(), sampler.kept_blocks()
     assert len(kept) == 4 and sorted(kept) == kept
     x, _, _, t = sd3_inputs(sd3, b=2)
@@ -181,7 +203,7 @@ def prune_config(tmp_path):
         gt = (random_image(64, 64, seed=i) * 255).round().byte().permute(1, 2, 0).numpy()
         Image.fromarray(gt).save(tmp_path / f"pairs/gt/{i}.png")
         Image.fromarray(gt).resize((16, 16), Image.BICUBIC).save(tmp_path / f"pairs/lq/{i}.png")
-    search = {"steps": 3, "batch_size": 1, "lora_rank": 4, "w_l1": 1.0, "w_lpips": 0.0, "lr": 1e-3, "checkpoint_every": 2}
+    search = {"steps": 3, "batch_size": 1, "lora_rank": 4, "w_l1": 1.0, "w_lpips": 0.0, "lr": 1e-3, "checkpoint_every": 1, "ema_decay": 0.9}
     (tmp_path / "cfg.yaml").write_text(json.dumps({
         "name": "demo", "output_dir": str(tmp_path / "runs"), "teacher": str(tmp_path / "teacher"),
         "data": {"pairs": str(tmp_path / "pairs"), "crop": 64},
@@ -211,19 +233,19 @@ def test_search_then_export(prune_config):
     ckpts = out.parent / "checkpoints"
     first = load_file(ckpts / "step-0000003/model.safetensors")
     assert first["masks.group_logits"].abs().sum() > 0 and "masks.pair_logits" in first
+    before = load_file(ckpts / "step-0000002/model.safetensors")
+    for name in ("group_logits", "pair_logits"):  # the EMA is updated after every optimizer step and checkpointed
+        ema = 0.9 * before[f"masks.ema_{name}"] + 0.1 * first[f"masks.{name}"]
+        assert torch.allclose(first[f"masks.ema_{name}"], ema, atol=1e-7)
     # resuming from step 2 reproduces step 3 exactly (batch and Gumbel noise seeded per step)
     STAGES["prune-search"](prune_config, "prune-search", str(ckpts / "step-0000002"))
     again = load_file(ckpts / "step-0000003/model.safetensors")
-    for key in ("masks.group_logits", "masks.pair_logits"):
+    for key in ("masks.group_logits", "masks.pair_logits", "masks.ema_group_logits"):
         assert torch.equal(first[key], again[key])
     assert json.loads((out / "decision.json").read_text()) == d
 
-    exported = STAGES["prune-export"](prune_config, "prune-export")
-    student = TinySRTransformer.from_pretrained(exported / "transformer")
-    assert student.config.num_layers == 4
-    assert json.loads((exported / "decision.json").read_text())["kept_blocks"] == d["kept_blocks"]
-
-    # the exported student is the teacher + saved LoRA restricted to the kept blocks (zero text tokens)
+    # the exported student is the teacher restricted to the kept blocks (zero text tokens), by default without
+    # the search LoRA (as the release's prune_merge.py), with it when keep_search_lora
     from tinysr.pipelines import load_pipeline
 
     teacher = load_pipeline(prune_config.teacher, device="cpu")
@@ -232,11 +254,22 @@ def test_search_then_export(prune_config):
     mask = torch.zeros(8)
     mask[d["kept_blocks"]] = 1
     x = torch.randn(1, 16, 8, 8)
-    with torch.no_grad():
-        ref = masked_sd3_forward(sd3, x, torch.zeros(1, 0, 32), teacher.pooled_embeds, torch.full((1,), 1000.0), mask)
-        assert (student(x) - ref).abs().max() < 1e-4
-        sd3.disable_adapters()
-        assert (masked_sd3_forward(sd3, x, torch.zeros(1, 0, 32), teacher.pooled_embeds, torch.full((1,), 1000.0), mask) - ref).abs().max() > 0
+
+    def teacher_masked():
+        return masked_sd3_forward(sd3, x, torch.zeros(1, 0, 32), teacher.pooled_embeds, torch.full((1,), 1000.0), mask)
+
+    for keep in (True, False):
+        prune_config.stages["prune-export"].keep_search_lora = keep
+        exported = STAGES["prune-export"](prune_config, "prune-export")
+        student = TinySRTransformer.from_pretrained(exported / "transformer")
+        saved = json.loads((exported / "decision.json").read_text())
+        assert student.config.num_layers == 4 and saved["kept_blocks"] == d["kept_blocks"] and saved["search_lora_kept"] == keep
+        with torch.no_grad():
+            (sd3.enable_adapters if keep else sd3.disable_adapters)()
+            ref = teacher_masked()
+            assert (student(x) - ref).abs().max() < 1e-4
+            (sd3.disable_adapters if keep else sd3.enable_adapters)()
+            assert (teacher_masked() - ref).abs().max() > 1e-4
 
 
 def test_tinyfusion_and_shortgpt_baselines(prune_config):

@@ -13,14 +13,7 @@ from tinysr.errors import MissingWeightsError, WrongModelError
 from tinysr.release import TSDSR_TRANSFORMER_LORA_TARGETS, TSDSR_VAE_LORA_TARGETS
 
 from .conftest import make_kl, make_sd3, random_image
-from .official_tinysr import (
-    OfficialTinySD3,
-    OfficialTinyVAE,
-    add_official_lora,
-    lora_state,
-    perturbed,
-    save_release,
-)
+from .official_tinysr import OfficialTinySD3, OfficialTinyVAE, add_official_lora, lora_state, perturbed, save_release
 
 LORA = "tinysr/transformer.safetensors"
 BASE = "tinybackbone/prune-12-merge-tinysr/transformer"

@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tinysr import TinySRPipeline, TSDSRPipeline
+from tinysr import TinySRPipeline, TinySRTransformer, TSDSRPipeline
 from trainer.cli import main as trainer_main
 from trainer.config import ConfigError, check, load_config
 
@@ -59,8 +59,8 @@ def workspace(tmp_path_factory):
     return root
 
 
-def log_rows(workspace, stage):
-    return [json.loads(line) for line in (workspace / "runs" / "tiny" / stage / "log.jsonl").read_text().splitlines()]
+def log_rows(workspace, stage, name="tiny"):
+    return [json.loads(line) for line in (workspace / "runs" / name / stage / "log.jsonl").read_text().splitlines()]
 
 
 def test_bad_configs_fail_fast(workspace, tmp_path):
@@ -172,6 +172,68 @@ def test_accelerate_two_processes_on_cpu(workspace, chain):
     assert (workspace / "runs" / "ddp" / "distill-1" / "final" / "transformer" / "config.json").is_file()
 
 
+def test_schedule_weight_decay_and_clip_follow_the_config(workspace, chain):
+    """diffusers' cosine_with_restarts after a warm-up (counted in optimizer steps), AdamW's decay, the clip norm."""
+    import math
+
+    from trainer.run import TrainingRun
+
+    copy_inputs(workspace, "sched")
+    cfg = str(workspace / "tiny.yaml")
+    s = ["steps=8", "grad_accum=2", "lr=1e-3", "lr_scheduler=cosine_with_restarts", "lr_warmup_steps=1", "lr_num_cycles=2",
+         "weight_decay=0.05", "max_grad_norm=0.5"]
+    assert trainer_main(["distill-1", "--config", cfg, "name=sched", *[f"stages.distill-1.{o}" for o in s]]) == 0
+    lrs = [r["lr"] for r in log_rows(workspace, "distill-1", "sched")]
+    updates = [step // 2 for step in range(1, 9)]  # updates done after each batch: one every second batch, 4 in all
+
+    def expected(u):  # warm-up 1 update, then 2 hard-restart cosine cycles over the 3 left; 0 at the end
+        progress = (u - 1) / 3
+        return 1e-3 * (u / 1 if u < 1 else (0.0 if progress >= 1 else 0.5 * (1 + math.cos(math.pi * ((2 * progress) % 1)))))
+
+    assert lrs == pytest.approx([expected(u) for u in updates], abs=1e-12)
+    run = TrainingRun(load_config(cfg, ["name=probe", *[f"stages.distill-1.{o}" for o in s]]), "distill-1")
+    opt, _ = run.optimizer([torch.nn.Parameter(torch.zeros(2))])
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[0]["betas"] == (0.9, 0.999)
+    clipped = {}
+    run.accelerator.clip_grad_norm_ = lambda params, norm: clipped.setdefault("norm", norm)
+    run.optimizer_step(torch.zeros(2, requires_grad=True).sum(), opt, [], run.optimizer([torch.nn.Parameter(torch.zeros(1))])[1])
+    assert clipped["norm"] == 0.5
+
+
+def test_student_lora_targets_modulation_and_continued_lora(workspace, chain):
+    """distill: the release's LoRA targets (patch embedding included), the folded modulation trains too, and
+    distill-2 continues distill-1's LoRA on the prune-export base (or, with continue_lora false, merges it)."""
+    from safetensors.torch import load_file
+
+    from trainer.stages.distill import FULL_PARAMS, load_student
+
+    cfg = load_config(workspace / "tiny.yaml")
+    first = load_student(cfg, "distill-1", cfg.stages["distill-1"])
+    trainable = {n for n, p in first.named_parameters() if p.requires_grad}
+    assert any(n.startswith("pos_embed.proj.lora_A") for n in trainable) and any("ff.net.2.lora_B" in n for n in trainable)
+    assert {"norm_out_modulation", "transformer_blocks.0.modulation"} <= trainable
+    assert not any(n.endswith("attn.to_q.base_layer.weight") for n in trainable)
+
+    run = workspace / "runs" / "tiny"
+    second = load_student(cfg, "distill-2", cfg.stages["distill-2"])
+    saved_lora = load_file(run / "distill-1" / "final" / "lora" / "pytorch_lora_weights.safetensors")
+    lora = {n.replace(".default", ""): p for n, p in second.named_parameters() if "lora_" in n}
+    assert len(lora) == len(saved_lora) and all(torch.equal(lora[k], v) for k, v in saved_lora.items())
+    full = load_file(run / "distill-1" / "final" / FULL_PARAMS)
+    assert set(full) == {n for n in trainable if "lora_" not in n}
+    assert all(torch.equal(second.get_parameter(k), v) for k, v in full.items())
+    base = TinySRTransformer.from_pretrained(run / "prune-export" / "final" / "transformer")
+    assert torch.equal(second.get_parameter("transformer_blocks.0.attn.to_q.base_layer.weight"), base.transformer_blocks[0].attn.to_q.weight)
+    merged = TinySRTransformer.from_pretrained(run / "distill-1" / "final" / "transformer")
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        assert (second(x) - merged(x)).abs().max() < 1e-4  # the same function, kept apart
+        merge_cfg = load_config(workspace / "tiny.yaml", ["stages.distill-2.continue_lora=false"])
+        fresh = load_student(merge_cfg, "distill-2", merge_cfg.stages["distill-2"])
+        assert (fresh(x) - merged(x)).abs().max() < 1e-5  # merged, plus a new LoRA whose B starts at 0
+    assert torch.equal(fresh.transformer_blocks[0].attn.to_q.base_layer.weight, merged.transformer_blocks[0].attn.to_q.weight)
+
+
 def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):
     cfg = str(workspace / "tiny.yaml")
     common = ["stages.token-prune.batch_size=2", "stages.token-prune.calibration_batches=2"]
@@ -228,6 +290,14 @@ def test_paper_configs_and_their_pruning_ratios(name, kept, tmp_path):
     cfg = load_config(ROOT / "trainer" / "configs" / f"{name}.yaml", ["data.pairs=PAIRS"])
     assert cfg.name == name and cfg.seed == 80 and cfg.mixed_precision == "fp16"
     assert cfg.stages["distill-1"].lora_rank == 64 and cfg.stages["distill-2"].w_gan == 0.3
+    # where the paper is silent, the official code's values (README: Fidelity), through stage_defaults
+    for stage in ("vae-encoder", "vae-decoder", "prune-search", "distill-1", "distill-2"):
+        st = cfg.stages[stage]
+        assert (st.weight_decay, st.lr_scheduler, st.lr_warmup_steps, st.max_grad_norm) == (1e-4, "cosine_with_restarts", 3000, 1.0)
+    assert cfg.stages["vae-decoder"].perceptual == cfg.stages["distill-2"].perceptual == "lpips-alex"
+    assert cfg.stages["distill-2"].discriminator == "dino-projected" and cfg.stages["distill-2"].disc_weight_decay == 1e-4
+    assert cfg.stages["prune-search"].ema_decay == 0.999 and not cfg.stages["prune-export"].keep_search_lora
+    assert "proj" in cfg.stages["distill-1"].lora_targets and cfg.stages["distill-2"].continue_lora
     s = cfg.stages["prune-search"]
     sampler = BlockMaskSampler(24, s.group_size, s.keep_per_group, s.couple_pairs)
     with torch.no_grad():

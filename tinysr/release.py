@@ -21,14 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import MissingWeightsError, WrongModelError
-from .weights import (
-    SD3_MEDIUM,
-    find_file,
-    load_component,
-    load_tensor_file,
-    read_json,
-    resolve_folder,
-)
+from .weights import SD3_MEDIUM, find_file, load_component, load_tensor_file, read_json, resolve_folder
 
 # target_modules of the official test scripts (peft matches a module whose name is, or ends with, one)
 TSDSR_TRANSFORMER_LORA_TARGETS = [

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers.optimization import SchedulerType
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -17,6 +18,9 @@ STAGES = (
     "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-base-vae", "demo-teacher",
 )
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
+
+
+SCHEDULERS = tuple(t.value for t in SchedulerType if t != SchedulerType.PIECEWISE_CONSTANT)  # that one needs step rules
 
 
 class ConfigError(ValueError):
@@ -32,9 +36,20 @@ class StageConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     disc_lr: float = 1e-5
+    disc_weight_decay: float = 0.01  # the discriminator's AdamW (torch's default; the fork's stage 2: 1e-4), never scheduled or clipped
+    # AdamW (betas 0.9/0.999, eps 1e-8) and a diffusers schedule; the official trainers (TSD-SR's train.py,
+    # the TinySR fork) use weight decay 1e-4, cosine_with_restarts after 3000 warm-up steps, clip 1.0 (paper.yaml)
     weight_decay: float = 0.0
+    lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler
+    lr_warmup_steps: int = 0  # optimizer steps
+    lr_num_cycles: int = 1
     max_grad_norm: float = 1.0
     lora_rank: int = 64
+    lora_targets: list[str] = field(default_factory=list)  # empty: the stage's official list (see the stage)
+    train_modulation: bool = True  # distill: the student's folded adaLN vectors train beside its LoRA
+    continue_lora: bool = True  # distill-2 trains on distill-1's LoRA (the fork) instead of merging it into a new one
+    ema_decay: float = 0.0  # prune search: EMA of the mask logits, the decision taken from it (0: the raw logits)
+    keep_search_lora: bool = False  # prune-export: fold the search LoRA into the student
     checkpoint_every: int = 0  # 0: only the final checkpoint
     log_every: int = 1
     crop: int = 0  # GT crop of this stage, 0: data.crop (the convolutional VAEs learn as well from small crops, far cheaper)
@@ -47,6 +62,7 @@ class StageConfig:
     w_kl: float = 0.0
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
     discriminator: str = "conv"  # conv | dino-projected
+    disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
     decoder_input: str = "lq"  # Eq. A.2 decodes LR latents; `hq` decodes HR latents
     # pruning search (TinyFusion-style)
     keep_per_group: int = 2
@@ -116,12 +132,20 @@ def _yaml_chain(path: Path, seen: tuple = ()) -> list[DictConfig]:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
-    """Schema <- YAML <- `a.b=c` overrides, with every error turned into one readable ConfigError."""
+    """Schema <- YAML <- `a.b=c` overrides, with every error turned into one readable ConfigError.
+
+    A YAML `stage_defaults:` mapping is merged under every stage's own keys.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found (see trainer/configs/)")
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), *_yaml_chain(path))
+        raw = OmegaConf.merge(*_yaml_chain(path))
+        defaults = raw.pop("stage_defaults", None)
+        if defaults is not None:
+            for name in raw.get("stages") or {}:
+                raw.stages[name] = OmegaConf.merge(defaults, raw.stages[name] or {})
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainerConfig), raw)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not key=value")
@@ -145,9 +169,17 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}: steps, batch_size, grad_accum must be >= 1 and lr > 0")
         if s.crop % 32 or s.crop < 0:
             raise ConfigError(f"stages.{stage}.crop must be 0 (data.crop) or a multiple of 32, got {s.crop}")
-        for key, choices in (("perceptual", ("stlpips", "lpips-vgg", "lpips-alex")), ("discriminator", ("conv", "dino-projected")), ("decoder_input", ("lq", "hq"))):
-            if s[key] not in choices:
-                raise ConfigError(f"stages.{stage}.{key} must be one of {', '.join(choices)}, got {s[key]!r}")
+        choices = {
+            "perceptual": ("stlpips", "lpips-vgg", "lpips-alex"), "discriminator": ("conv", "dino-projected"),
+            "decoder_input": ("lq", "hq"), "disc_condition": ("none", "dinov2-cls"), "lr_scheduler": SCHEDULERS,
+        }
+        for key, allowed in choices.items():
+            if s[key] not in allowed:
+                raise ConfigError(f"stages.{stage}.{key} must be one of {', '.join(allowed)}, got {s[key]!r}")
+        if not 0 <= s.ema_decay < 1 or s.lr_warmup_steps < 0 or min(s.weight_decay, s.disc_weight_decay) < 0:
+            raise ConfigError(f"stages.{stage}: need 0 <= ema_decay < 1, lr_warmup_steps >= 0 and weight decays >= 0")
+        if s.disc_condition != "none" and s.discriminator != "dino-projected":
+            raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
         if stage in stages and not cfg.standins[part]:
             raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")

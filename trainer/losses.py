@@ -109,7 +109,8 @@ def make_gan(s, enabled: bool) -> tuple:
     if not enabled:
         return None, None
     disc = make_discriminator(s.discriminator)
-    return disc, torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr)
+    # no schedule and no clipping for the discriminator, as in the fork's stage 2
+    return disc, torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr, weight_decay=s.disc_weight_decay)
 
 
 def discriminator_step(accelerator, disc, disc_opt, real, fake) -> float:

@@ -3,13 +3,14 @@
 A stage writes its own loop (nanoGPT style) and calls into a `TrainingRun` for the plumbing:
 
     run = TrainingRun(cfg, "distill-1", resume)
-    model, opt = run.prepare(model, opt)
+    opt, schedule = run.optimizer(params)
+    model, opt, schedule = run.prepare(model, opt, schedule)
     for step in run.steps():
         batch = run.batch(dataset, step)
         with run.accelerator.accumulate(model):
             loss = ...
-            run.optimizer_step(loss, opt, params)
-        run.log(step, loss=loss.item(), lr=lr)
+            run.optimizer_step(loss, opt, params, schedule)
+        run.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0])
     run.finish()
 
 Batches and any noise are drawn from generators seeded by (seed, step), so a resumed run
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 
 CHECKPOINTS = "checkpoints"
 
@@ -104,12 +106,28 @@ class TrainingRun:
             out[key] = torch.stack(values).to(self.device) if isinstance(values[0], torch.Tensor) else values
         return out
 
-    def optimizer_step(self, loss, opt, params) -> None:
-        """Backward, clip (on the step that syncs), step, zero: call inside `accelerator.accumulate`."""
+    def optimizer(self, params):
+        """AdamW and its learning-rate schedule from the stage config (prepare both).
+
+        Counts are in optimizer steps and multiplied by the number of processes, as the official
+        trainers do: accelerate steps a prepared schedule once per process.
+        """
+        s = self.scfg
+        opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.weight_decay)
+        n = self.accelerator.num_processes
+        updates = -(-s.steps // s.grad_accum)
+        schedule = get_scheduler(
+            s.lr_scheduler, opt, num_warmup_steps=s.lr_warmup_steps * n, num_training_steps=updates * n, num_cycles=s.lr_num_cycles
+        )
+        return opt, schedule
+
+    def optimizer_step(self, loss, opt, params, schedule) -> None:
+        """Backward, clip (on the step that syncs), step, schedule, zero: call inside `accelerator.accumulate`."""
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients:
             self.accelerator.clip_grad_norm_(params, self.scfg.max_grad_norm)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
 
     def log(self, step: int, **scalars) -> None:

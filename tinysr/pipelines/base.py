@@ -19,13 +19,7 @@ from ..color import COLOR_FIXES, apply_color_fix
 from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, timed
 from ..errors import NumericalError
 from ..imageio import as_loaded_image, to_pil
-from ..official import (
-    RECIPES,
-    official_color_fix,
-    official_sizes,
-    official_tiled_predict,
-    quantize_like_script,
-)
+from ..official import RECIPES, official_color_fix, official_sizes, official_tiled_predict, quantize_like_script
 from ..tiling import tiled_map
 
 SCALE = 4

@@ -2,12 +2,14 @@
 
 distill-1: L1 between student and teacher one-step outputs in latent space.
 distill-2: 5 L1 + 1 LPIPS(D_tiny(z_stu), x_HR) + 0.3 GAN, with a discriminator trained beside it.
-The student trains LoRA adapters (rank 64 in the paper); the tiny VAE stays frozen.
+The student trains LoRA adapters (rank 64 in the paper) on the release's target list and its folded
+modulation vectors; the tiny VAE stays frozen.
 """
 
-import torch
 import torch.nn.functional as F
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig
+from safetensors.torch import load_file, save_file
 
 from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
@@ -16,15 +18,36 @@ from ..common import FINAL, TeacherLatents, final_dir, load_teacher, load_tiny_v
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
-STUDENT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# the release's LoRA targets (test_tinysr.py); on our tree "proj" is the patch embedding and ff.net.0.proj, and
+# the adaLN linears ("linear", "linear_1", "linear_2") are folded into the blocks' modulation vectors instead
+STUDENT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj", "linear", "linear_1", "linear_2", "net.2"]
+MODULATION = ("modulation", "norm_out_modulation")
+FULL_PARAMS = "full_params.safetensors"
 
 
-def load_student(cfg, source_stage: str, lora_rank: int) -> TinySRTransformer:
-    """The student from the previous stage with its LoRA merged, plus a fresh LoRA to train (rank 0: full)."""
-    student = TinySRTransformer.from_pretrained(require(final_dir(cfg, source_stage) / "transformer", source_stage))
-    if lora_rank > 0:
-        student.requires_grad_(False)
-        student.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=STUDENT_LORA_TARGETS))
+def load_student(cfg, stage: str, s) -> TinySRTransformer:
+    """The student to train: its base, then a LoRA (fresh, or distill-1's to continue) unless lora_rank is 0.
+
+    distill-1 starts from prune-export; distill-2 from distill-1, merged, or, with `continue_lora`, from
+    prune-export plus what distill-1 trained (its LoRA and its full-rank parameters) kept apart.
+    """
+    previous = "prune-export" if stage == "distill-1" else "distill-1"
+    continues = stage == "distill-2" and s.continue_lora and s.lora_rank > 0
+    source = "prune-export" if continues else previous
+    student = TinySRTransformer.from_pretrained(require(final_dir(cfg, source) / "transformer", source))
+    if s.lora_rank == 0:
+        return student
+    student.requires_grad_(False)
+    if continues:
+        lora = require(final_dir(cfg, previous) / "lora", f"{previous} (with lora_rank > 0)")
+        student.load_state_dict(load_file(final_dir(cfg, previous) / FULL_PARAMS), strict=False)
+        student.load_lora_adapter(str(lora), prefix=None, weight_name=LORA_WEIGHT_NAME_SAFE, adapter_name="default")
+    else:
+        targets = list(s.lora_targets) or STUDENT_LORA_TARGETS
+        student.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_rank, init_lora_weights="gaussian", target_modules=targets))
+    for name, param in student.named_parameters():
+        if "lora_" in name or (s.train_modulation and name.endswith(MODULATION)):
+            param.requires_grad_(True)
     return student
 
 
@@ -35,13 +58,15 @@ def student_latents(student, tiny_vae, lq_up):
 
 
 def save_student(run: TrainingRun, student) -> None:
-    """Merged weights for the next stage, and the LoRA alone for inspection."""
+    """Merged weights for the next stage; the LoRA and the full-rank trained parameters apart, to continue from."""
     if not run.is_main:
         return
     model = run.unwrap(student)
     out = run.dir / FINAL
     if getattr(model, "peft_config", None):
         model.save_lora_adapter(out / "lora")
+        full = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+        save_file(full, out / FULL_PARAMS)
         from tinysr.weights import merge_lora
 
         merge_lora(model)
@@ -51,16 +76,15 @@ def save_student(run: TrainingRun, student) -> None:
 def run_distill(cfg, stage: str, resume: str | None = None):
     run = TrainingRun(cfg, stage, resume)
     s = run.scfg
-    source = "prune-export" if stage == "distill-1" else "distill-1"
     teacher = load_teacher(cfg, run.device)
     z_teacher = TeacherLatents(cfg, teacher)
     tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
-    student = load_student(cfg, source, s.lora_rank)
+    student = load_student(cfg, stage, s)
     data = stage_pairs(cfg, s)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, stage == "distill-2" and s.w_gan > 0)
-    student, opt, disc, disc_opt = run.prepare(student, opt, disc, disc_opt)
+    student, opt, schedule, disc, disc_opt = run.prepare(student, opt, schedule, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if stage == "distill-2" and s.w_lpips > 0 else None
     w_l1 = s.w_l1 or 1.0
 
@@ -74,10 +98,10 @@ def run_distill(cfg, stage: str, resume: str | None = None):
             if stage == "distill-2":
                 image = tiny_vae.decode(z / tiny_vae.config.scaling_factor)
                 loss = loss + image_losses(image, batch["gt"], s, lpips, disc, logs)
-            run.optimizer_step(loss, opt, params)
+            run.optimizer_step(loss, opt, params, schedule)
         if disc is not None:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
-        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+        run.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0], **logs)
     run.finish()
     save_student(run, student)
     return run.dir / FINAL

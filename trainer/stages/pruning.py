@@ -28,7 +28,8 @@ from ..common import FINAL, TeacherLatents, final_dir, load_teacher, load_tiny_v
 from ..losses import perceptual_loss
 from ..run import TrainingRun, stage_dir
 
-SEARCH_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj", "linear", "proj_out", "add_q_proj", "add_k_proj", "add_v_proj"]
+# the fork's train_prune.py (and TSD-SR's student): attention, text projections, patch embedding, adaLN, output
+SEARCH_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj", "linear", "proj_out"]
 PAIR_MOVES = ("keep", "first->second", "second->first")
 DECISION = "decision.json"
 
@@ -102,22 +103,25 @@ class BlockMaskSampler(nn.Module):
         self.register_buffer("alternatives", (cands @ cands.T) == keep - 1, persistent=False)
         self.group_logits = nn.Parameter(torch.zeros(self.num_groups, len(cands)))
         self.pair_logits = nn.Parameter(torch.zeros(self.num_pairs, len(PAIR_MOVES)))
+        # the decision's logits: an EMA of the trained ones (TinyFusion, the fork: decay 0.999), or a copy
+        self.register_buffer("ema_group_logits", torch.zeros_like(self.group_logits))
+        self.register_buffer("ema_pair_logits", torch.zeros_like(self.pair_logits))
 
     @property
     def couple_pairs(self) -> bool:
         return self.num_pairs > 0
 
-    def _alternative(self, group: int, index: int) -> torch.Tensor:
-        scores = self.group_logits[group].detach().masked_fill(~self.alternatives[index], float("-inf"))
+    def _alternative(self, logits: torch.Tensor, group: int, index: int) -> torch.Tensor:
+        scores = logits[group].detach().masked_fill(~self.alternatives[index], float("-inf"))
         return self.candidates[int(scores.argmax())]
 
-    def _couple(self, masks: list, indices: list, moves: torch.Tensor) -> list:
+    def _couple(self, masks: list, indices: list, moves: torch.Tensor, logits: torch.Tensor) -> list:
         """Apply per-pair move weights (one-hot rows, maybe straight-through) to the group masks."""
         masks = list(masks)
         for p in range(self.num_pairs):
             a, b = 2 * p, 2 * p + 1
             ma, mb = masks[a], masks[b]
-            alt_a, alt_b = self._alternative(a, int(indices[a])), self._alternative(b, int(indices[b]))
+            alt_a, alt_b = self._alternative(logits, a, int(indices[a])), self._alternative(logits, b, int(indices[b]))
             z = moves[p]
             masks[a] = z[0] * ma + z[1] * (ma * alt_a) + z[2] * (ma + alt_a - ma * alt_a)
             masks[b] = z[0] * mb + z[1] * (mb + alt_b - mb * alt_b) + z[2] * (mb * alt_b)
@@ -129,17 +133,23 @@ class BlockMaskSampler(nn.Module):
         masks = list(onehot @ self.candidates)
         if self.num_pairs:
             moves, _ = hard_gumbel_softmax(self.pair_logits * logit_scale, tau, generator)
-            masks = self._couple(masks, indices.tolist(), moves)
+            masks = self._couple(masks, indices.tolist(), moves, self.group_logits)
         return torch.cat(masks)
 
     @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        """After each optimizer step; decay 0 makes the decision follow the trained logits exactly."""
+        for ema, live in ((self.ema_group_logits, self.group_logits), (self.ema_pair_logits, self.pair_logits)):
+            ema.mul_(decay).add_(live.detach(), alpha=1 - decay)
+
+    @torch.no_grad()
     def decision_mask(self) -> torch.Tensor:
-        """The arg-max: per group the most likely candidate, per pair the most likely move applied to them."""
-        indices = self.group_logits.argmax(dim=-1)
+        """The arg-max of the EMA logits: per group the most likely candidate, per pair the most likely move applied."""
+        indices = self.ema_group_logits.argmax(dim=-1)
         masks = list(self.candidates[indices])
         if self.num_pairs:
-            moves = F.one_hot(self.pair_logits.argmax(dim=-1), len(PAIR_MOVES)).to(self.candidates.dtype)
-            masks = self._couple(masks, indices.tolist(), moves)
+            moves = F.one_hot(self.ema_pair_logits.argmax(dim=-1), len(PAIR_MOVES)).to(self.candidates.dtype)
+            masks = self._couple(masks, indices.tolist(), moves, self.ema_group_logits)
         return torch.cat(masks)
 
     def kept_blocks(self) -> list[int]:
@@ -147,7 +157,8 @@ class BlockMaskSampler(nn.Module):
 
     @torch.no_grad()
     def probabilities(self, logit_scale: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.softmax(self.group_logits * logit_scale, -1), torch.softmax(self.pair_logits * logit_scale, -1)
+        """Of the decision's (EMA) logits."""
+        return torch.softmax(self.ema_group_logits * logit_scale, -1), torch.softmax(self.ema_pair_logits * logit_scale, -1)
 
     def decision(self, logit_scale: float = 100.0) -> dict:
         groups, pairs = self.probabilities(logit_scale)
@@ -232,9 +243,9 @@ def temperature(step: int, steps: int, start: float, end: float) -> float:
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def add_search_lora(sd3, rank: int):
+def add_search_lora(sd3, rank: int, targets: list[str] = ()):
     sd3.requires_grad_(False)
-    sd3.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=SEARCH_LORA_TARGETS))
+    sd3.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(targets) or SEARCH_LORA_TARGETS))
     return sd3
 
 
@@ -266,13 +277,13 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
     z_teacher = TeacherLatents(cfg, teacher)
     tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
     sf = tiny_vae.config.scaling_factor
-    sd3 = add_search_lora(copy.deepcopy(teacher.transformer), s.lora_rank)
+    sd3 = add_search_lora(copy.deepcopy(teacher.transformer), s.lora_rank, s.lora_targets)
     sampler = BlockMaskSampler(len(sd3.transformer_blocks), s.group_size, s.keep_per_group, s.couple_pairs)
     search = MaskedSD3(sd3, sampler).to(run.device).train()
     data = stage_pairs(cfg, s)
     lora_params = [p for p in sd3.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(lora_params + list(sampler.parameters()), lr=s.lr, weight_decay=s.weight_decay)
-    search, opt = run.prepare(search, opt)
+    opt, schedule = run.optimizer(lora_params + list(sampler.parameters()))
+    search, opt, schedule = run.prepare(search, opt, schedule)
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     prompt, pooled = teacher.prompt_embeds, teacher.pooled_embeds
     masks = run.unwrap(search).masks
@@ -291,7 +302,9 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
             if lpips is not None:
                 p = lpips(tiny_vae.decode(z_stu / sf).float(), batch["gt"].float())
                 loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
-            run.optimizer_step(loss, opt, lora_params)  # the logits are not clipped
+            run.optimizer_step(loss, opt, lora_params, schedule)  # the logits are not clipped
+        if run.accelerator.sync_gradients:
+            masks.update_ema(s.ema_decay)
         kept = masks.kept_blocks()
         if kept != last:
             run.accelerator.print(f"[{stage}] step {step}: kept blocks {kept}")
@@ -314,16 +327,21 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
 
 
 def run_prune_export(cfg, stage: str = "prune-export", resume: str | None = None):
-    """The student from prune-search's decision: teacher + search LoRA, kept blocks, modulation folded."""
+    """The student from prune-search's decision: the teacher's kept blocks, modulation folded.
+
+    The search LoRA is dropped unless `keep_search_lora`: the release's prune_merge.py copies the
+    teacher's plain weights, and TinyFusion discards its LoRA after the search the same way.
+    """
     source = final_dir(cfg, "prune-search")
     decision = json.loads(require(source / DECISION, "prune-search").read_text())
     out = stage_dir(cfg, stage) / FINAL
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher(cfg, pick_device())
     sd3 = teacher.transformer
-    if (source / "lora").is_dir():
+    keep_lora = cfg.stages[stage].keep_search_lora and (source / "lora").is_dir()
+    if keep_lora:
         load_search_lora(sd3, source / "lora")
-    export_student(sd3, teacher.pooled_embeds, {**decision, "source": str(source)}, out)
+    export_student(sd3, teacher.pooled_embeds, {**decision, "source": str(source), "search_lora_kept": keep_lora}, out)
     return out
 
 

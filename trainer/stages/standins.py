@@ -66,8 +66,8 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
     if isinstance(vae, PatchAutoencoder):  # a resumed run overwrites this with its checkpoint
         vae.fit_linear(torch.cat([run.batch(data, -1 - i)["gt"] for i in range(PCA_BATCHES)]))
     params = list(vae.parameters())
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    model, opt = run.prepare(Reconstruction(vae), opt)
+    opt, schedule = run.optimizer(params)
+    model, opt, schedule = run.prepare(Reconstruction(vae), opt, schedule)
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     for step in run.steps():
         batch = run.batch(data, step)
@@ -82,8 +82,8 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
             if lpips is not None:
                 p = lpips(y.float(), x.float())
                 loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
-            run.optimizer_step(loss, opt, params)
-        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+            run.optimizer_step(loss, opt, params, schedule)
+        run.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0], **logs)
     run.finish()
     if run.is_main:
         vae = run.unwrap(model).vae.eval()
@@ -118,9 +118,9 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
     data = stage_pairs(cfg, s)
     params = list(transformer.parameters())
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
-    model, opt, disc, disc_opt = run.prepare(transformer, opt, disc, disc_opt)
+    model, opt, schedule, disc, disc_opt = run.prepare(transformer, opt, schedule, disc, disc_opt)
     pipe.transformer = model
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     scale = vae.config.scaling_factor
@@ -136,10 +136,10 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
             if lpips is not None or disc is not None:
                 image = vae_decode(vae, z / scale)
                 loss = loss + image_losses(image, batch["gt"], s, lpips, disc, logs)
-            run.optimizer_step(loss, opt, params)
+            run.optimizer_step(loss, opt, params, schedule)
         if disc is not None:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
-        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"], **logs)
+        run.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0], **logs)
     run.finish()
     if run.is_main:
         pipe.transformer = run.unwrap(model).eval()

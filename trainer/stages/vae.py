@@ -23,16 +23,16 @@ def run_vae_encoder(cfg, stage: str, resume: str | None = None):
     vae.decoder.requires_grad_(False)
     data = stage_pairs(cfg, s)
     params = list(vae.encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    encoder, opt = run.prepare(vae.encoder, opt)  # the trained half is what DDP wraps
+    opt, schedule = run.optimizer(params)
+    encoder, opt, schedule = run.prepare(vae.encoder, opt, schedule)  # the trained half is what DDP wraps
     for step in run.steps():
         batch = run.batch(data, step)
         with torch.no_grad():
             target = vae_encode(e_pre, batch["lq_up"])
         with run.accelerator.accumulate(encoder):
             loss = F.mse_loss(encoder(batch["lq_up"]).float(), target.float())
-            run.optimizer_step(loss, opt, params)
-        run.log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+            run.optimizer_step(loss, opt, params, schedule)
+        run.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0])
     run.finish()
     if run.is_main:
         vae.save_pretrained(run.dir / FINAL / "vae")
@@ -47,9 +47,9 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
     vae.encoder.requires_grad_(False)
     data = stage_pairs(cfg, s)
     params = list(vae.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
-    decoder, opt, disc, disc_opt = run.prepare(vae.decoder, opt, disc, disc_opt)
+    decoder, opt, schedule, disc, disc_opt = run.prepare(vae.decoder, opt, schedule, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     source = "lq_up" if s.decoder_input == "lq" else "gt"
     for step in run.steps():
@@ -63,10 +63,10 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
             if s.w_l1 > 0:
                 l1 = F.l1_loss(image.float(), batch["gt"].float())
                 loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
-            run.optimizer_step(loss, opt, params)
+            run.optimizer_step(loss, opt, params, schedule)
         if disc is not None:
             logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
-        run.log(step, loss=loss.detach().item(), lr=opt.param_groups[0]["lr"], **logs)
+        run.log(step, loss=loss.detach().item(), lr=schedule.get_last_lr()[0], **logs)
     run.finish()
     if run.is_main:
         vae.save_pretrained(run.dir / FINAL / "vae")
