@@ -121,8 +121,9 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
 (`trainer/configs/demo.yaml`, seed 80); the paper-scale weights come from the official releases
 (see the main README). Use these to try the app and CLI offline, not to judge the method.
 Reproducibility: `python scripts/train_demo_weights.py --from demo-base-vae --name repro --weights runs/repro-weights`
-retrained teacher and student on the same CPU with every tensor bitwise identical to these (the script prints the
-largest difference per file); another CPU, thread count or torch version may differ by rounding.
+retrained teacher and student on the same CPU with every tensor bitwise identical to these at commit e5f4ede (the
+script prints the largest difference per file); the VAEs' memory format changed since (last-bit rounding), and another
+CPU, thread count or torch version may also differ by rounding.
 
 **Data**: {len(list((PAIRS / 'gt').iterdir()))} Real-ESRGAN-degraded pairs ({CROPS_PER_PHOTO} random 128 px crops per photo)
 of the training photos fetched from Debian packages by `scripts/fetch_photos.py` (see `runs/photos/ATTRIBUTION.md`).

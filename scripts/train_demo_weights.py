@@ -5,7 +5,7 @@ Photos from Debian packages -> degraded pairs -> stand-in base VAE and teacher -
 then the teacher and student are written in fp16 to assets/weights/. Every step is a separate
 command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint).
 `--name repro --weights runs/repro-weights` retrains into other folders and then prints how far each
-retrained tensor file is from the bundled one (on this CPU they came out bitwise identical).
+retrained tensor file is from the bundled one (on this CPU they came out bitwise identical at commit e5f4ede).
 `scripts/report_demo_weights.py` then measures them and writes the model cards.
 """
 
