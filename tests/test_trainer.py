@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,6 +233,32 @@ def test_student_lora_targets_modulation_and_continued_lora(workspace, chain):
         fresh = load_student(merge_cfg, "distill-2", merge_cfg.stages["distill-2"])
         assert (fresh(x) - merged(x)).abs().max() < 1e-5  # merged, plus a new LoRA whose B starts at 0
     assert torch.equal(fresh.transformer_blocks[0].attn.to_q.base_layer.weight, merged.transformer_blocks[0].attn.to_q.weight)
+
+
+def test_distill_2_with_the_projected_dino_discriminator(workspace, chain, monkeypatch):
+    """discriminator: dino-projected, conditioned on the GT's DINOv2 CLS (tiny random ViTs stand in for the weights)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from trainer import discriminators
+
+    def tiny_vit(name, **kwargs):
+        patch = 14 if name == discriminators.DINOV2 else 16
+        vit = VisionTransformer(img_size=kwargs.get("img_size", 224), patch_size=patch, embed_dim=16, depth=12, num_heads=2,
+                                reg_tokens=4 if patch == 14 else 0)
+        return vit.eval().requires_grad_(False)
+
+    monkeypatch.setattr(discriminators, "pretrained_vit", tiny_vit)
+    copy_inputs(workspace, "dino")
+    shutil.copytree(workspace / "runs" / "tiny" / "distill-1", workspace / "runs" / "dino" / "distill-1", dirs_exist_ok=True)
+    overrides = ["name=dino", "stages.distill-2.steps=2", "stages.distill-2.discriminator=dino-projected",
+                 "stages.distill-2.disc_condition=dinov2-cls"]
+    assert trainer_main(["distill-2", "--config", str(workspace / "tiny.yaml"), *overrides]) == 0
+    rows = log_rows(workspace, "distill-2", "dino")
+    assert len(rows) == 2 and all(np.isfinite([r["gan_g"], r["gan_d"]]).all() for r in rows)
+    from safetensors.torch import load_file
+
+    state = load_file(workspace / "runs" / "dino" / "distill-2" / "checkpoints" / "step-0000002" / "model_1.safetensors")
+    assert any(k.startswith("disc.heads.4.") for k in state) and not any(".backbone." in k or "condition." in k for k in state)
 
 
 def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):

@@ -1,7 +1,8 @@
 """Perceptual losses and discriminators, pluggable by name (images in [-1, 1]).
 
 `stlpips` (shift-tolerant LPIPS) and the `conv` discriminator work offline; `lpips-*` need
-torchvision backbone and pyiqa LPIPS weights, `dino-projected` needs DINO ViT-S/16 weights.
+torchvision backbone and pyiqa LPIPS weights, `dino-projected` (trainer/discriminators.py) needs
+DINO ViT-S/16 weights, and DINOv2 ViT-L/14 ones when conditioned.
 """
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 
 from tinysr.errors import MissingWeightsError
 from tinysr.metrics import METRICS, missing_files
+
+from .discriminators import DinoProjectedDiscriminator, DinoV2ClsCondition
 
 
 def perceptual_loss(kind: str) -> nn.Module:
@@ -58,49 +61,33 @@ class ConvDiscriminator(nn.Module):
         blocks.append(sn(nn.Conv2d(c, 1, 3, 1, 1)))
         self.net = nn.Sequential(*blocks)
 
-    def forward(self, x):
+    def forward(self, x, reference=None):
         return self.net(x)
 
 
-class DinoProjectedDiscriminator(nn.Module):
-    """Frozen DINO ViT-S/16 features from several depths, each judged by a small trainable head."""
+class ProjectedGAN(nn.Module):
+    """The projected DINO discriminator, conditioned (`dinov2-cls`) on the ground truth's DINOv2 CLS token or not."""
 
-    def __init__(self, layers=(2, 5, 8, 11), model_name: str = "vit_small_patch16_224.dino"):
+    def __init__(self, condition: str = "none"):
         super().__init__()
-        import timm
+        self.condition = DinoV2ClsCondition() if condition == "dinov2-cls" else None
+        self.disc = DinoProjectedDiscriminator(c_dim=self.condition.model.embed_dim if self.condition else 0)
+        self._last = (None, None)
 
-        try:
-            self.backbone = timm.create_model(model_name, pretrained=True, dynamic_img_size=True)
-        except Exception as e:
-            raise MissingWeightsError(
-                f"timm/{model_name}", ["HF cache"], f"dino-projected needs DINO weights ({type(e).__name__}); or use discriminator=conv."
-            ) from None
-        self.backbone.eval().requires_grad_(False)
-        self.layers = tuple(layers)
-        dim = self.backbone.embed_dim
-        sn = nn.utils.spectral_norm
-        self.heads = nn.ModuleList(
-            nn.Sequential(sn(nn.Conv1d(dim, 64, 1)), nn.LeakyReLU(0.2), sn(nn.Conv1d(64, 1, 1))) for _ in self.layers
-        )
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
-    def forward(self, x):
-        x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", antialias=True)
-        feats = self.backbone.forward_intermediates((x - self.mean) / self.std, indices=list(self.layers), intermediates_only=True, output_fmt="NLC")
-        return torch.cat([head(f.transpose(1, 2)) for head, f in zip(self.heads, feats, strict=True)], dim=2)
+    def forward(self, x, reference=None):
+        if self.condition is None:
+            return self.disc(x)
+        if self._last[0] is not reference:  # one encoding per batch of ground truth, shared by the G and D terms
+            self._last = (reference, self.condition(reference))
+        return self.disc(x, self._last[1])
 
 
-def make_discriminator(kind: str) -> nn.Module:
+def make_discriminator(kind: str, condition: str = "none") -> nn.Module:
+    """A module scoring images in [-1, 1]; `forward(x, reference)` takes the ground truth a condition is made of."""
     if kind == "conv":
         return ConvDiscriminator()
     if kind == "dino-projected":
-        return DinoProjectedDiscriminator()
+        return ProjectedGAN(condition)
     raise ValueError(f"unknown discriminator {kind!r}")
 
 
@@ -108,7 +95,7 @@ def make_gan(s, enabled: bool) -> tuple:
     """(discriminator, its optimiser) for a stage's `discriminator` and `disc_lr`, or (None, None) when off."""
     if not enabled:
         return None, None
-    disc = make_discriminator(s.discriminator)
+    disc = make_discriminator(s.discriminator, s.disc_condition)
     # no schedule and no clipping for the discriminator, as in the fork's stage 2
     return disc, torch.optim.AdamW([p for p in disc.parameters() if p.requires_grad], lr=s.disc_lr, weight_decay=s.disc_weight_decay)
 
@@ -116,7 +103,7 @@ def make_gan(s, enabled: bool) -> tuple:
 def discriminator_step(accelerator, disc, disc_opt, real, fake) -> float:
     """One hinge-loss update of the discriminator on real images and (detached) generated ones."""
     with accelerator.accumulate(disc):
-        d = hinge_d_loss(disc(real), disc(fake.detach().clamp(-1, 1)))
+        d = hinge_d_loss(disc(real, real), disc(fake.detach().clamp(-1, 1), real))
         accelerator.backward(d)
         disc_opt.step()
         disc_opt.zero_grad(set_to_none=True)
@@ -142,6 +129,6 @@ def image_losses(image, gt, s, lpips: nn.Module | None, disc: nn.Module | None, 
         p = lpips(image.float(), gt.float())
         loss, logs["lpips"] = loss + s.w_lpips * p, p.item()
     if disc is not None:
-        g = hinge_g_loss(disc(image.clamp(-1, 1)))
+        g = hinge_g_loss(disc(image.clamp(-1, 1), gt))
         loss, logs["gan_g"] = loss + s.w_gan * g, g.item()
     return loss
