@@ -254,6 +254,12 @@ def test_browser_upload_compare_and_train(server, tmp_path):
         expect(page.locator("#report-right")).to_contain_text("NIQE", timeout=60_000)
         expect(page.locator("#comparison img").first).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "app_upscale.png"), full_page=True)
+        page.locator("#lr-input input[type=file]").set_input_files(save_rgb(tmp_path / "small.png", 48, 40))
+        page.get_by_text("Advanced").click()
+        page.get_by_label("official").check()
+        page.get_by_role("button", name="Upscale x4").click()
+        expect(page.locator("#report-left")).to_contain_text("Recipe: official", timeout=180_000)
+        expect(page.locator("#report-right")).to_contain_text("Recipe: official", timeout=60_000)
 
         page.get_by_role("tab", name="Training").click()
         page.get_by_label("Run name").fill("browser-run")

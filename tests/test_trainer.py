@@ -193,11 +193,12 @@ def test_schedule_weight_decay_and_clip_follow_the_config(workspace, chain):
 
     assert lrs == pytest.approx([expected(u) for u in updates], abs=1e-12)
     run = TrainingRun(load_config(cfg, ["name=probe", *[f"stages.distill-1.{o}" for o in s]]), "distill-1")
-    opt, _ = run.optimizer([torch.nn.Parameter(torch.zeros(2))])
+    weight = torch.nn.Parameter(torch.ones(2))
+    opt, schedule = run.optimizer([weight])
     assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[0]["betas"] == (0.9, 0.999)
     clipped = {}
     run.accelerator.clip_grad_norm_ = lambda params, norm: clipped.setdefault("norm", norm)
-    run.optimizer_step(torch.zeros(2, requires_grad=True).sum(), opt, [], run.optimizer([torch.nn.Parameter(torch.zeros(1))])[1])
+    run.optimizer_step(weight.sum(), opt, [weight], schedule)
     assert clipped["norm"] == 0.5
 
 

@@ -1,5 +1,6 @@
 """The path TinySR and TSD-SR share: bicubic x4, pad, encode, tiled one-step prediction, decode, colour fix.
 
+Two recipes run it: ours (`default`) and the release scripts' (`official`, see tinysr/official.py).
 Subclasses only say how to predict the noise (`predict`) and how they are stored.
 """
 
@@ -85,6 +86,7 @@ class OneStepSRPipeline:
 
     default_color_fix = "adain"
     model_index_name = ""
+    official_clamps_input = False  # the release scripts clamp the bicubic input to [-1, 1] for TSD-SR, not for TinySR
 
     def __init__(self, transformer, vae, *, device=None, dtype="fp32"):
         self.device = pick_device(device)
@@ -272,9 +274,6 @@ class OneStepSRPipeline:
         if loaded.alpha is not None:
             alpha = F.interpolate(loaded.alpha[None], size=out_size, mode="bicubic", align_corners=False).clamp(0, 1)[0]
         return SRResult(y[0], alpha=alpha, grayscale=loaded.grayscale, bit_depth=loaded.bit_depth)
-
-    # the scripts clamp the bicubic input to [-1, 1] for TSD-SR, not for TinySR
-    official_clamps_input = False
 
     def _official_input(self, loaded):
         """The scripts' preprocessing: 8-bit RGB, their size rule, torch bicubic in the model's precision."""
