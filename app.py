@@ -390,7 +390,7 @@ def build_demo() -> gr.Blocks:
                         precision = gr.Dropdown(["fp32", "fp16", "bf16"], value="fp32", label="Precision")
                         recipe = gr.Radio(
                             list(RECIPES), value="default", label="Recipe",
-                            info="official: the release scripts' pre/post-processing, their PNGs byte for byte (see README, Fidelity)",
+                            info="official: the release scripts' pre/post-processing, byte for byte for the same model outputs (README: Fidelity)",
                         )
                     gt = ImageUpload(type="filepath", label="Ground truth (optional, 4x the input): adds PSNR/SSIM/LPIPS/DISTS")
                     run = gr.Button("Upscale x4", variant="primary")

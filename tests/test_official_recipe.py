@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from tinysr import TSDSRPipeline, load_pipeline
+from tinysr import TinySRPipeline, TinySRTransformer, TSDSRPipeline, load_pipeline
 from tinysr.official import official_sizes, official_tile_offsets
 
-from .conftest import make_kl, make_sd3
+from .conftest import TINY_STUDENT, make_kl, make_sd3, make_tiny_vae
 
 
 # ---- utils/wavelet_color_fix.py, transcribed ----
@@ -122,8 +122,8 @@ def tile_sample(lq_latent, transformer_call, tile_size, tile_overlap, channels):
         return noise_pred
 
 
-def run_script(pipe, path, align_method, teacher, tile=64, overlap=8):
-    """The per-image loop of the scripts (fp32, CPU), returning the PNG they would save."""
+def run_script(pipe, path, align_method, teacher, tile=64, overlap=8, weight_dtype=torch.float32):
+    """The per-image loop of the scripts (CPU), returning the PNG they would save."""
     vae, transformer = pipe.vae, pipe.transformer
     lr = Image.open(path).convert("RGB")
     ori_width, ori_height = lr.size
@@ -139,23 +139,23 @@ def run_script(pipe, path, align_method, teacher, tile=64, overlap=8):
         resize_flag = True
         new_width, new_height = new_width - new_width % 8, new_height - new_height % 8
     lr_scale = lr.resize((int(ori_width * 4), int(ori_height * 4)))
-    pixel_values = transforms.ToTensor()(lr).unsqueeze(0)
+    pixel_values = transforms.ToTensor()(lr).unsqueeze(0).to(dtype=weight_dtype)
     with torch.no_grad():
         pixel_values = torch.nn.functional.interpolate(pixel_values, size=(new_height, new_width), mode="bicubic", align_corners=False)
-        pixel_values = pixel_values * 2 - 1
+        pixel_values = (pixel_values * 2 - 1).to(dtype=weight_dtype)
         if teacher:
             pixel_values = pixel_values.clamp(-1, 1)
             torch.manual_seed(7)  # the script samples unseeded; the pipeline takes seed=7
-            model_input = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+            model_input = (vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor).to(dtype=weight_dtype)
             prompt, pooled = pipe.prompt_embeds, pipe.pooled_embeds
 
             def call(x):
-                t = torch.tensor([1000.0])
+                t = torch.tensor([1000.0], dtype=weight_dtype)
                 return transformer(hidden_states=x, timestep=t, encoder_hidden_states=prompt, pooled_projections=pooled, return_dict=False)[0]
         else:
-            model_input = vae.encode(pixel_values) * vae.config.scaling_factor
+            model_input = (vae.encode(pixel_values) * vae.config.scaling_factor).to(dtype=weight_dtype)
             call = transformer
-        model_pred = tile_sample(model_input, call, tile, overlap, model_input.shape[1])
+        model_pred = tile_sample(model_input, call, tile, overlap, model_input.shape[1]).to(dtype=weight_dtype)
         latent_stu = model_input - model_pred
         image = vae.decode(latent_stu / vae.config.scaling_factor)
         image = (image.sample if teacher else image).squeeze(0).clamp(-1, 1)
@@ -169,12 +169,15 @@ def run_script(pipe, path, align_method, teacher, tile=64, overlap=8):
     return np.asarray(image_pil_image)
 
 
-def photo(path, width, height, seed):
-    """A smooth random photo-like 8-bit PNG."""
+def photo(path, width, height, seed, orientation=1):
+    """A smooth random photo-like 8-bit PNG, with an EXIF orientation tag when not 1."""
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(1, 3, height // 8 + 2, width // 8 + 2, generator=g)
     rgb = torch.nn.functional.interpolate(base, size=(height, width), mode="bicubic").clamp(0, 1)[0]
-    Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path, exif=exif)
     return path
 
 
@@ -186,27 +189,34 @@ def pipes():
 
 
 @pytest.mark.parametrize(
-    "model,size,align,tile",
+    "model,size,align,tile,extra",
     [
-        ("tinysr", (128, 128), "adain", 32),  # latent 128 (the demo VAE downsamples 4x): 25 tiles, up to 4 per pixel
-        ("tinysr", (144, 136), "wavelet", 32),
-        ("tinysr", (37, 53), "none", 32),  # enlarged, trimmed to a multiple of 8, PIL-resized back
-        ("tsdsr", (128, 128), "wavelet", 64),  # one transformer call
-        ("tsdsr", (144, 128), "adain", 64),  # latent 72x64: two 64-tiles
-        ("tsdsr", (53, 37), "none", 32),
+        ("tinysr", (128, 128), "adain", 32, {}),  # latent 128 (the demo VAE downsamples 4x): 25 tiles, up to 4 per pixel
+        ("tinysr", (144, 136), "wavelet", 32, {"orientation": 6}),  # the scripts ignore EXIF rotation
+        ("tinysr", (37, 53), "none", 32, {}),  # enlarged, trimmed to a multiple of 8, PIL-resized back
+        ("tsdsr", (128, 128), "wavelet", 64, {}),  # one transformer call
+        ("tsdsr", (144, 128), "adain", 64, {}),  # latent 72x64: two 64-tiles
+        ("tsdsr", (53, 37), "none", 32, {}),
+        ("tsdsr", (144, 128), "wavelet", 64, {"dtype": torch.float16}),  # the scripts' default precision
     ],
 )
-def test_official_recipe_is_byte_identical_to_the_scripts(pipes, tmp_path, model, size, align, tile):
-    pipe = pipes[model]
-    path = photo(tmp_path / "lr.png", *size, seed=sum(size))
-    ours = pipe(str(path), recipe="official", color_fix=align, tile_size=tile, seed=7 if model == "tsdsr" else None)
-    expected = run_script(pipe, path, align, teacher=model == "tsdsr", tile=tile)
+def test_official_recipe_is_byte_identical_to_the_scripts(pipes, tmp_path, model, size, align, tile, extra):
+    dtype = extra.get("dtype", torch.float32)
+    pipe = pipes[model].to(dtype=dtype)
+    path = photo(tmp_path / "lr.png", *size, seed=sum(size), orientation=extra.get("orientation", 1))
+    try:
+        ours = pipe(str(path), recipe="official", color_fix=align, tile_size=tile, seed=7 if model == "tsdsr" else None)
+        expected = run_script(pipe, path, align, teacher=model == "tsdsr", tile=tile, weight_dtype=dtype)
+    finally:
+        pipe.to(dtype=torch.float32)
     assert 50 < expected.mean() < 200 and expected.std() > 10
     got = np.asarray(ours.pil)
+    assert ours.dtype == ("fp16" if dtype == torch.float16 else "fp32")
     assert got.shape == expected.shape == (size[1] * 4, size[0] * 4, 3)
     assert np.array_equal(got, expected), f"{(got != expected).sum()} values differ"
-    default = np.asarray(pipe(str(path), color_fix=align).pil)
-    assert not np.array_equal(default, expected)  # the default recipe is a different one
+    if dtype == torch.float32:
+        default = np.asarray(pipe(str(path), color_fix=align).pil)
+        assert not np.array_equal(default, expected)  # the default recipe is a different one
 
 
 def test_official_helpers_follow_the_script_rules():
@@ -228,3 +238,6 @@ def test_official_recipe_seed_and_errors(pipes, tmp_path):
         pipe(str(path), recipe="paper")
     with pytest.raises(ValueError, match="position table"):
         pipe(str(path), recipe="official", tile_size=128)
+    wide = TinySRPipeline(TinySRTransformer(**{**TINY_STUDENT, "pos_embed_max_size": 64}), make_tiny_vae())
+    with pytest.raises(ValueError, match="overlap 70 must be smaller than the tile, here 64"):  # the script would loop for ever
+        wide(str(photo(tmp_path / "wide.png", 600, 128, seed=4)), recipe="official", tile_size=128, tile_overlap=70)

@@ -40,9 +40,10 @@ def test_candidate_masks():
 @pytest.mark.parametrize("couple", [False, True])
 def test_sampled_masks_keep_the_budget(couple):
     sampler = BlockMaskSampler(16, 4, 2, couple_pairs=couple)
+    g = torch.Generator().manual_seed(3)  # unseeded, some draws make "keep" so likely that moves are rare
     with torch.no_grad():
-        sampler.group_logits.normal_(0, 0.02)
-        sampler.pair_logits.normal_(0, 0.02)
+        sampler.group_logits.normal_(0, 0.02, generator=g)
+        sampler.pair_logits.normal_(0, 0.02, generator=g)
     moved = 0
     for step in range(200):
         tau = temperature(step + 1, 200, 4.0, 0.1)
@@ -56,7 +57,7 @@ def test_sampled_masks_keep_the_budget(couple):
         else:
             assert (groups == 2).all()
     if couple:
-        assert moved > 50  # the moves do happen
+        assert moved > 50, moved  # the moves do happen
     sampler.update_ema(0.0)
     d = sampler.decision_mask()
     if couple:
@@ -277,7 +278,7 @@ def test_tinyfusion_and_shortgpt_baselines(prune_config):
 
     out = STAGES["prune-tinyfusion"](prune_config, "prune-tinyfusion")
     d = json.loads((out / "decision.json").read_text())
-    assert not d["couple_pairs"] and d["pair_probabilities"] == []
+    assert not d["couple_pairs"] and d["pair_probabilities"] == [] and not d["search_lora_kept"]
     kept = torch.zeros(8)
     kept[d["kept_blocks"]] = 1
     assert kept.view(2, 4).sum(1).tolist() == [2, 2]

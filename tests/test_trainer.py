@@ -90,6 +90,10 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
         with pytest.raises(ConfigError, match="wandb is not installed"):
             check(load_config(cfg, ["report_to=[wandb]"]), ["distill-1"])
     assert trainer_main(["distill-1", "--config", str(cfg), "stages.distill-1.lr=-1"]) == 2
+    with pytest.raises(ConfigError, match="constant has no warm-up"):
+        check(load_config(cfg, ["stages.distill-1.lr_warmup_steps=10"]), ["distill-1"])
+    with pytest.raises(ConfigError, match="disc_condition needs discriminator: dino-projected"):
+        check(load_config(cfg, ["stages.distill-2.disc_condition=dinov2-cls"]), ["distill-2"])
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +256,11 @@ def test_distill_2_with_the_projected_dino_discriminator(workspace, chain, monke
     copy_inputs(workspace, "dino")
     shutil.copytree(workspace / "runs" / "tiny" / "distill-1", workspace / "runs" / "dino" / "distill-1", dirs_exist_ok=True)
     overrides = ["name=dino", "stages.distill-2.steps=2", "stages.distill-2.discriminator=dino-projected",
-                 "stages.distill-2.disc_condition=dinov2-cls"]
+                 "stages.distill-2.disc_condition=dinov2-cls", "stages.distill-2.grad_accum=2", "stages.distill-2.lr_scheduler=linear"]
     assert trainer_main(["distill-2", "--config", str(workspace / "tiny.yaml"), *overrides]) == 0
     rows = log_rows(workspace, "distill-2", "dino")
     assert len(rows) == 2 and all(np.isfinite([r["gan_g"], r["gan_d"]]).all() for r in rows)
+    assert rows[1]["lr"] != rows[0]["lr"]  # with grad_accum 2 the generator steps (and schedules) on the second batch
     from safetensors.torch import load_file
 
     state = load_file(workspace / "runs" / "dino" / "distill-2" / "checkpoints" / "step-0000002" / "model_1.safetensors")

@@ -16,7 +16,7 @@ from .official import RECIPES
 
 def add_recipe_options(p):
     p.add_argument("--recipe", choices=RECIPES, default="default",
-                   help="official: the release scripts' pre/post-processing, their PNGs byte for byte (README: Fidelity)")
+                   help="official: the release scripts' pre/post-processing, byte for byte for the same model outputs (README: Fidelity)")
     p.add_argument("--seed", type=int, default=None, help="official recipe: seed of TSD-SR's posterior sample (unseeded upstream)")
     p.add_argument("--color-fix", choices=COLOR_FIXES, default=None, help="default: the model's own (TinySR adain, TSD-SR wavelet)")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -21,6 +21,7 @@ class LoadedImage:
     alpha: torch.Tensor | None
     grayscale: bool
     bit_depth: int
+    orientation: int = 1  # the EXIF orientation tag, already applied to `rgb`
 
 
 def _to_float_array(im: Image.Image) -> tuple[np.ndarray, int]:
@@ -54,6 +55,7 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im.load()
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
         im = ImageOps.exif_transpose(im)
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: corrupt or truncated image ({e})") from None
@@ -69,7 +71,7 @@ def load_image(source, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
         rgb = np.repeat(gray[..., None], 3, axis=-1)
     else:
         rgb, depth = _to_float_array(im.convert("RGB"))
-    return LoadedImage(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), alpha, grayscale, depth)
+    return LoadedImage(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), alpha, grayscale, depth, orientation)
 
 
 def as_loaded_image(image, max_pixels: int | None = None) -> LoadedImage:

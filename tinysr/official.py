@@ -12,11 +12,25 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image, to_tensor
 
 from .color import adain_color_fix, wavelet_color_fix
+from .imageio import LoadedImage, to_pil
 from .tiling import gaussian_tile_weights
 
 RECIPES = ("default", "official")  # ours, and the release scripts'
 UPSCALE = 4
-PROCESS_SIZE = 512
+PROCESS_SIZE = 512  # the scripts' output short side for small inputs; ours too
+
+
+# undoes ImageOps.exif_transpose: the scripts' Image.open().convert("RGB") ignores the orientation tag
+UNDO_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270,
+}
+
+
+def official_lr(loaded: LoadedImage) -> Image.Image:
+    """The LR as the scripts see it: 8-bit RGB, stored orientation (16-bit inputs are scaled here, clipped there)."""
+    lr = to_pil(loaded.rgb)
+    return lr.transpose(UNDO_ORIENTATION[loaded.orientation]) if loaded.orientation in UNDO_ORIENTATION else lr
 
 
 def official_sizes(width: int, height: int) -> tuple[int, int, bool]:
@@ -57,9 +71,13 @@ def official_tiled_predict(predict: Callable[[torch.Tensor], torch.Tensor], z: t
     if h * w <= tile * tile:
         return predict(z).to(z.dtype)
     tile = min(tile, h, w)
+    if overlap >= tile:  # the script loops for ever here
+        raise ValueError(f"tile overlap {overlap} must be smaller than the tile, here {tile} latent pixels (the latent's short side)")
+    if z.device.type == "mps":
+        raise ValueError("the official recipe blends tiles in float64, which MPS lacks; use device cpu or cuda")
     weights = gaussian_tile_weights(tile, tile, y_midpoint=tile / 2).to(z.device)[None, None]
     boxes = [(y, x) for x in official_tile_offsets(w, tile, overlap) for y in official_tile_offsets(h, tile, overlap)]
-    preds = [predict(torch.cat([z[:, :, y : y + tile, x : x + tile]])) for y, x in boxes]
+    preds = [predict(z[:, :, y : y + tile, x : x + tile].contiguous()) for y, x in boxes]  # the script's torch.cat copies
     total = torch.zeros(z.shape, device=z.device)
     contributors = torch.zeros(z.shape, device=z.device)
     for (y, x), pred in zip(boxes, preds):

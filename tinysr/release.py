@@ -43,8 +43,9 @@ TINYSR_RELEASE_LORA = "tinysr/transformer.safetensors"
 EMBEDDING_FOLDERS = (".", "default", "dataset/default", "../dataset/default", "embeddings")
 
 TINYSR_RELEASE_HINT = (
-    "Download the official TinySR checkpoint folder (it holds tinybackbone/, vae/ and tinysr/) and pass it with "
-    "--release, and the folder holding pool_embeds.pt with --embeds."
+    "Download the official TinySR checkpoint folder (it holds tinybackbone/, vae/ and tinysr/) and pass it "
+    "(convert --release, from_release, or as the model), and the folder holding pool_embeds.pt "
+    "(convert --embeds, from_release's embeds, or TINYSR_EMBEDS_DIR) unless it is inside the checkpoint folder."
 )
 TSDSR_RELEASE_HINT = (
     "Download the TSD-SR LoRA files (transformer.safetensors, vae.safetensors) and the prompt embeddings "

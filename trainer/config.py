@@ -178,6 +178,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
                 raise ConfigError(f"stages.{stage}.{key} must be one of {', '.join(allowed)}, got {s[key]!r}")
         if not 0 <= s.ema_decay < 1 or s.lr_warmup_steps < 0 or min(s.weight_decay, s.disc_weight_decay) < 0:
             raise ConfigError(f"stages.{stage}: need 0 <= ema_decay < 1, lr_warmup_steps >= 0 and weight decays >= 0")
+        if s.lr_warmup_steps and s.lr_scheduler == "constant":
+            raise ConfigError(f"stages.{stage}: lr_scheduler constant has no warm-up; use constant_with_warmup or set lr_warmup_steps: 0")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):

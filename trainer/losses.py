@@ -101,12 +101,16 @@ def make_gan(s, enabled: bool) -> tuple:
 
 
 def discriminator_step(accelerator, disc, disc_opt, real, fake) -> float:
-    """One hinge-loss update of the discriminator on real images and (detached) generated ones."""
-    with accelerator.accumulate(disc):
-        d = hinge_d_loss(disc(real, real), disc(fake.detach().clamp(-1, 1), real))
-        accelerator.backward(d)
-        disc_opt.step()
-        disc_opt.zero_grad(set_to_none=True)
+    """One hinge-loss update of the discriminator on real images and (detached) generated ones.
+
+    Call it after the generator's `accumulate` block: it steps when that block synced. A second
+    `accumulate` here would advance accelerate's shared counter twice per batch, and with
+    grad_accum > 1 the generator would never step.
+    """
+    d = hinge_d_loss(disc(real, real), disc(fake.detach().clamp(-1, 1), real))
+    accelerator.backward(d)
+    disc_opt.step()  # accelerate's optimizer skips the step and zero_grad until gradients sync
+    disc_opt.zero_grad(set_to_none=True)
     return d.item()
 
 

@@ -106,16 +106,17 @@ class TrainingRun:
             out[key] = torch.stack(values).to(self.device) if isinstance(values[0], torch.Tensor) else values
         return out
 
-    def optimizer(self, params):
-        """AdamW and its learning-rate schedule from the stage config (prepare both).
+    def optimizer(self, params, no_decay=()):
+        """AdamW and its learning-rate schedule from the stage config (prepare both); `no_decay` params get no weight decay.
 
         Counts are in optimizer steps and multiplied by the number of processes, as the official
         trainers do: accelerate steps a prepared schedule once per process.
         """
         s = self.scfg
-        opt = torch.optim.AdamW(params, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.weight_decay)
+        groups = [{"params": list(params)}] + ([{"params": list(no_decay), "weight_decay": 0.0}] if no_decay else [])
+        opt = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=s.weight_decay)
         n = self.accelerator.num_processes
-        updates = -(-s.steps // s.grad_accum)
+        updates = max(s.steps // s.grad_accum, 1)  # accelerate syncs on every grad_accum-th batch
         schedule = get_scheduler(
             s.lr_scheduler, opt, num_warmup_steps=s.lr_warmup_steps * n, num_training_steps=updates * n, num_cycles=s.lr_num_cycles
         )

@@ -20,11 +20,13 @@ from ..color import COLOR_FIXES, apply_color_fix
 from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, timed
 from ..errors import NumericalError
 from ..imageio import as_loaded_image, to_pil
-from ..official import RECIPES, official_color_fix, official_sizes, official_tiled_predict, quantize_like_script
+from ..official import (
+    PROCESS_SIZE, RECIPES, UPSCALE, official_color_fix, official_lr, official_sizes, official_tiled_predict, quantize_like_script,
+)
 from ..tiling import tiled_map
 
-SCALE = 4
-MIN_INPUT_SIDE = 128  # shorter inputs are enlarged first so the processed short side reaches 512
+SCALE = UPSCALE
+MIN_INPUT_SIDE = PROCESS_SIZE // UPSCALE  # shorter inputs are enlarged first so the processed short side reaches 512
 TIMESTEP = 1000.0
 
 
@@ -277,7 +279,7 @@ class OneStepSRPipeline:
 
     def _official_input(self, loaded):
         """The scripts' preprocessing: 8-bit RGB, their size rule, torch bicubic in the model's precision."""
-        lr = to_pil(loaded.rgb)
+        lr = official_lr(loaded)
         height, width, resized = official_sizes(lr.width, lr.height)
         x = to_tensor(lr)[None].to(self.device, self.dtype)
         x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False) * 2 - 1

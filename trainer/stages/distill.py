@@ -6,6 +6,8 @@ The student trains LoRA adapters (rank 64 in the paper) on the release's target 
 modulation vectors; the tiny VAE stays frozen.
 """
 
+import warnings
+
 import torch.nn.functional as F
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig
@@ -21,7 +23,6 @@ from ..run import TrainingRun
 # the release's LoRA targets (test_tinysr.py); on our tree "proj" is the patch embedding and ff.net.0.proj, and
 # the adaLN linears ("linear", "linear_1", "linear_2") are folded into the blocks' modulation vectors instead
 STUDENT_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0", "proj", "linear", "linear_1", "linear_2", "net.2"]
-MODULATION = ("modulation", "norm_out_modulation")
 FULL_PARAMS = "full_params.safetensors"
 
 
@@ -40,13 +41,18 @@ def load_student(cfg, stage: str, s) -> TinySRTransformer:
     student.requires_grad_(False)
     if continues:
         lora = require(final_dir(cfg, previous) / "lora", f"{previous} (with lora_rank > 0)")
-        student.load_state_dict(load_file(final_dir(cfg, previous) / FULL_PARAMS), strict=False)
+        unexpected = student.load_state_dict(load_file(final_dir(cfg, previous) / FULL_PARAMS), strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"{final_dir(cfg, previous) / FULL_PARAMS} does not fit the student: {unexpected[:3]}")
         student.load_lora_adapter(str(lora), prefix=None, weight_name=LORA_WEIGHT_NAME_SAFE, adapter_name="default")
+        rank = student.peft_config["default"].r
+        if rank != s.lora_rank or s.lora_targets:
+            warnings.warn(f"continue_lora: {stage} trains {previous}'s LoRA (rank {rank}, its targets); its own lora_rank/lora_targets are not used", stacklevel=2)
     else:
         targets = list(s.lora_targets) or STUDENT_LORA_TARGETS
         student.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.lora_rank, init_lora_weights="gaussian", target_modules=targets))
     for name, param in student.named_parameters():
-        if "lora_" in name or (s.train_modulation and name.endswith(MODULATION)):
+        if "lora_" in name or (s.train_modulation and name.endswith("modulation")):
             param.requires_grad_(True)
     return student
 
@@ -81,8 +87,11 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
     student = load_student(cfg, stage, s)
     data = stage_pairs(cfg, s)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt, schedule = run.optimizer(params)
+    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    params = [p for _, p in trained]
+    # weight decay pulls the LoRA towards the base weights; on the modulation vectors it would pull towards no modulation
+    modulation = [p for n, p in trained if n.endswith("modulation")] if s.lora_rank > 0 else []
+    opt, schedule = run.optimizer([p for p in params if all(p is not m for m in modulation)], no_decay=modulation)
     disc, disc_opt = make_gan(s, stage == "distill-2" and s.w_gan > 0)
     student, opt, schedule, disc, disc_opt = run.prepare(student, opt, schedule, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if stage == "distill-2" and s.w_lpips > 0 else None

@@ -320,8 +320,9 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
         out.mkdir(parents=True, exist_ok=True)
         model.model.save_lora_adapter(out / "lora")
         (out / DECISION).write_text(json.dumps(decision, indent=2) + "\n")
-        if stage == "prune-tinyfusion":  # a baseline: no separate export stage
-            export_student(model.model, pooled, decision, out)
+        if stage == "prune-tinyfusion":  # a baseline: no separate export stage; its LoRA kept only if asked, as prune-export
+            source = model.model if s.keep_search_lora else teacher.transformer
+            export_student(source, pooled, {**decision, "search_lora_kept": s.keep_search_lora}, out)
     run.accelerator.wait_for_everyone()
     return out
 
