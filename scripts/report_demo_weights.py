@@ -31,7 +31,7 @@ from scripts.train_demo_weights import (  # noqa: E402
 )
 from tinysr.bench import format_table, run_benchmark  # noqa: E402
 from tinysr.evaluate import evaluate_folders, pair_files, read_rgb, upscale_folder  # noqa: E402
-from tinysr.metrics import METRICS, MetricSuite, missing_files  # noqa: E402
+from tinysr.metrics import METRICS, MetricSuite, lattice_score, missing_files  # noqa: E402
 from tinysr.pipelines import load_pipeline  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -72,6 +72,8 @@ def measure(sets: list[str], models: list[str]) -> dict:
             timing = upscale_folder(pipe, lr, pred, progress=False)
             scores = evaluate_folders(pred, gt, progress=False, suite=suite)["average"]
             scores["st_lpips"] = st_lpips(pred, gt)
+            outputs = [read_rgb(p) for _, p, _ in pair_files(pred, gt)]
+            scores["lattice"] = sum(map(lattice_score, outputs)) / len(outputs)
             scores["s_per_image"] = timing["wall_s"] / timing["images"]
             results.setdefault(set_name, {})[model] = scores
             print(json.dumps(scores), flush=True)
@@ -81,9 +83,10 @@ def measure(sets: list[str], models: list[str]) -> dict:
 def metrics_table(results: dict) -> str:
     lines = []
     for set_name, rows in results.items():
-        lines += [f"\n**{set_name}** ({len(list((SETS[set_name][0]).iterdir()))} images, 4x)\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | NIQE ↓ |", "|---|---|---|---|---|"]
+        lines += [f"\n**{set_name}** ({len(list((SETS[set_name][0]).iterdir()))} images, 4x)\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|"]
         for model, s in rows.items():
-            lines.append(f"| {MODELS[model]} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {s['niqe']:.3f} |")
+            lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"
+            lines.append(f"| {MODELS[model]} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {s['niqe']:.3f} | {lattice} |")
     return "\n".join(lines)
 
 

@@ -121,3 +121,19 @@ def test_eval_runs_a_model_first_also_split_over_processes(tmp_path, processes):
     direct = evaluate_folders(tmp_path / "sr", gt, metrics=["psnr", "ssim"], progress=False)
     assert result["average"] == pytest.approx(direct["average"])
     assert "bicubic: 4 images" in r.stderr
+
+
+@needs_data
+@pytest.mark.parametrize("period", [16, 8, 4])
+def test_lattice_score_is_about_one_on_photos_and_high_on_a_grid(period):
+    """The artefact score of the demo-weights issue: a faint dot grid on a real photo stands out, the photo does not."""
+    from tinysr.imageio import load_image
+    from tinysr.metrics import lattice_score
+
+    photo = load_image(DATA / "RealSRVal_crop128" / "test_HR" / "Canon_001_LR4.png").rgb
+    assert 0.8 < lattice_score(photo) < 1.3
+    dotted = photo.clone()
+    dotted[:, ::period, ::period] = (dotted[:, ::period, ::period] + 0.05).clamp(0, 1)
+    assert lattice_score(dotted) > 3
+    with pytest.raises(ValueError, match="32x32"):
+        lattice_score(photo[:, :20, :20])
