@@ -34,19 +34,13 @@ class PatchEmbed(nn.Module):
         return self.proj(latent).flatten(2).transpose(1, 2) + cached_table
 
 
-class AdaNormZero(nn.Module):
-    def __init__(self, dim):
+class AdaNorm(nn.Module):
+    """The tree of AdaLayerNormZero (chunks 6, `norm1`) and AdaLayerNormContinuous (chunks 2, `norm_out`)."""
+
+    def __init__(self, dim, chunks):
         super().__init__()
         self.silu = nn.SiLU()
-        self.linear = nn.Linear(dim, 6 * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-
-
-class AdaNormContinuous(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.silu = nn.SiLU()
-        self.linear = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, chunks * dim)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
@@ -67,7 +61,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1 = AdaNormZero(dim)
+        self.norm1 = AdaNorm(dim, 6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim=dim, dim_out=dim, activation_fn="gelu-approximate")
@@ -95,7 +89,7 @@ class OfficialTinySD3(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.pos_embed = PatchEmbed(patch_size, in_channels, dim, table)
         self.time_text_embed = CombinedTimestepTextProjEmbeddings(embedding_dim=dim, pooled_projection_dim=pooled_projection_dim)
         self.transformer_blocks = nn.ModuleList(Block(dim, num_attention_heads) for _ in range(num_layers))
-        self.norm_out = AdaNormContinuous(dim)
+        self.norm_out = AdaNorm(dim, 2)
         self.register_buffer("scale", torch.tensor([]))
         self.register_buffer("shift", torch.tensor([]))
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)

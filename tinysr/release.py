@@ -142,6 +142,14 @@ def load_embedding(path: Path, size: int, what: str) -> torch.Tensor:
     return tensor.float()
 
 
+def load_pooled(path: Path, size: int) -> torch.Tensor:
+    """`pool_embeds.pt`: exactly one pooled prompt embedding of `size` values."""
+    pooled = load_embedding(path, size, "a pooled prompt embedding")
+    if pooled.numel() != size:
+        raise WrongModelError(f"{path}: holds {tuple(pooled.shape)}; expected one pooled embedding of size {size}")
+    return pooled.reshape(1, -1)
+
+
 def embedding_folders(root: Path, explicit: str | os.PathLike | None) -> list[Path]:
     if explicit is not None:
         return [Path(explicit)]
@@ -158,8 +166,8 @@ def load_state_file(folder: Path, hint: str) -> tuple[Path, dict[str, torch.Tens
     raise MissingWeightsError("diffusion_pytorch_model.safetensors", [str(folder.resolve())], hint)
 
 
-def check_tinysr_release_tree(state: dict, path: Path, config: dict) -> int:
-    """The number of blocks, after checking the keys are exactly the official TinySD3 tree's."""
+def check_tinysr_release_tree(state: dict, path: Path, config: dict) -> None:
+    """The keys must be exactly the official TinySD3 tree's, with as many blocks as the config says."""
     text = sorted(k for k in state if any(t in k for t in TEXT_STREAM))
     if text:
         raise WrongModelError(
@@ -181,7 +189,6 @@ def check_tinysr_release_tree(state: dict, path: Path, config: dict) -> int:
             f"{path}: not the TinySR release transformer (models/tinysr/tinysd3.py): "
             f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
-    return n
 
 
 def release_pos_embed_size(table: torch.Tensor, path: Path, config: dict) -> int:
@@ -211,11 +218,10 @@ def load_tinysr_release(root: str | os.PathLike, embeds: str | os.PathLike | Non
     check_tinysr_release_tree(state, path, config)
     lora = find_file(Path(TINYSR_RELEASE_LORA).name, [root / Path(TINYSR_RELEASE_LORA).parent, root], TINYSR_RELEASE_HINT)
     merge_release_lora(state, lora, TINYSR_TRANSFORMER_LORA_TARGETS)
-    pooled_dim = state["time_text_embed.text_embedder.linear_1.weight"].shape[1]
-    pooled_path = find_file("pool_embeds.pt", embedding_folders(root, embeds), TINYSR_RELEASE_HINT)
-    pooled = load_embedding(pooled_path, pooled_dim, "a pooled prompt embedding")
-    if pooled.numel() != pooled_dim:
-        raise WrongModelError(f"{pooled_path}: holds {tuple(pooled.shape)}; expected one pooled embedding of size {pooled_dim}")
+    pooled = load_pooled(
+        find_file("pool_embeds.pt", embedding_folders(root, embeds), TINYSR_RELEASE_HINT),
+        state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+    )
     side = release_pos_embed_size(state["pos_embed.pos_embed"], path, config)
     try:
         transformer = tinysr_transformer_from_release(state, config, pooled, side)
@@ -283,16 +289,13 @@ def load_tsdsr_release(
     prompt = load_embedding(
         find_file("prompt_embeds.pt", [embeds_dir], TSDSR_RELEASE_HINT), transformer.config.joint_attention_dim, "prompt embeddings"
     )
-    pooled_path = find_file("pool_embeds.pt", [embeds_dir], TSDSR_RELEASE_HINT)
-    pooled = load_embedding(pooled_path, transformer.config.pooled_projection_dim, "a pooled prompt embedding")
-    if pooled.numel() != transformer.config.pooled_projection_dim:
-        raise WrongModelError(f"{pooled_path}: holds {tuple(pooled.shape)}; expected one pooled embedding")
+    pooled = load_pooled(find_file("pool_embeds.pt", [embeds_dir], TSDSR_RELEASE_HINT), transformer.config.pooled_projection_dim)
     merge_release_lora(transformer.state_dict(keep_vars=True), transformer_lora, TSDSR_TRANSFORMER_LORA_TARGETS)
     merge_release_lora(vae.state_dict(keep_vars=True), vae_lora, TSDSR_VAE_LORA_TARGETS)
-    return transformer.eval(), vae.eval(), prompt.reshape(1, -1, prompt.shape[-1]), pooled.reshape(1, -1)
+    return transformer.eval(), vae.eval(), prompt.reshape(1, -1, prompt.shape[-1]), pooled
 
 
-def release_kind(folder: Path) -> str | None:
-    """'tinysr' for an official TinySR checkpoint folder, else None."""
-    return "tinysr" if (folder / TINYSR_RELEASE_TRANSFORMER / "config.json").is_file() else None
+def is_tinysr_release(folder: Path) -> bool:
+    """An official TinySR checkpoint folder (tinybackbone/..., tinysr/, vae/)."""
+    return (folder / TINYSR_RELEASE_TRANSFORMER / "config.json").is_file()
 

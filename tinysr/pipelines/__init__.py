@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 from ..errors import MissingWeightsError, WrongModelError
-from ..release import release_kind
+from ..release import is_tinysr_release
 from ..weights import SD3_MEDIUM, read_json, resolve_folder
 from .base import OneStepSRPipeline, SRResult
 from .tinysr import TinySRPipeline
@@ -55,7 +55,7 @@ def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="
             + (" For the official TSD-SR layout set TSDSR_LORA_DIR and TSDSR_EMBEDS_DIR." if model == "tsdsr" else ""),
         )
     folder = resolve_folder(model, revision=revision, token=token)
-    if not (folder / "model_index.json").is_file() and release_kind(folder) == "tinysr":
+    if not (folder / "model_index.json").is_file() and is_tinysr_release(folder):
         return TinySRPipeline.from_release(folder, os.environ.get("TINYSR_EMBEDS_DIR"), **kwargs)
     name = read_json(folder / "model_index.json").get("_class_name")
     if name not in PIPELINES:

@@ -87,11 +87,13 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
     student = load_student(cfg, stage, s)
     data = stage_pairs(cfg, s)
-    trained = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    params = [p for _, p in trained]
+    params = [p for p in student.parameters() if p.requires_grad]
     # weight decay pulls the LoRA towards the base weights; on the modulation vectors it would pull towards no modulation
-    modulation = [p for n, p in trained if n.endswith("modulation")] if s.lora_rank > 0 else []
-    opt, schedule = run.optimizer([p for p in params if all(p is not m for m in modulation)], no_decay=modulation)
+    undecayed = {n for n, p in student.named_parameters() if p.requires_grad and n.endswith("modulation") and s.lora_rank > 0}
+    opt, schedule = run.optimizer(
+        [p for n, p in student.named_parameters() if p.requires_grad and n not in undecayed],
+        no_decay=[p for n, p in student.named_parameters() if n in undecayed],
+    )
     disc, disc_opt = make_gan(s, stage == "distill-2" and s.w_gan > 0)
     student, opt, schedule, disc, disc_opt = run.prepare(student, opt, schedule, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if stage == "distill-2" and s.w_lpips > 0 else None
