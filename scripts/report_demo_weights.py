@@ -45,10 +45,11 @@ OUT = ROOT / "runs" / "demo-report"
 BENCH_JSON = ROOT / "assets" / "benchmarks" / "bench-demo-cpu.json"
 
 
-def st_lpips(pred_dir: Path, gt_dir: Path) -> float:
+def st_lpips(pred_dir: Path, gt_dir: Path, net: str = "alex") -> float:
+    """ST-LPIPS: the AlexNet variant is the one training uses; the VGG variant is a check training never saw."""
     from stlpips_pytorch import stlpips
 
-    net = stlpips.LPIPS(net="alex", variant="shift_tolerant", verbose=False).eval()
+    net = stlpips.LPIPS(net=net, variant="shift_tolerant", verbose=False).eval()
     values = []
     with torch.no_grad():
         for _, pred, gt in pair_files(pred_dir, gt_dir):
@@ -72,6 +73,7 @@ def measure(sets: list[str], models: list[str]) -> dict:
             timing = upscale_folder(pipe, lr, pred, progress=False)
             scores = evaluate_folders(pred, gt, progress=False, suite=suite)["average"]
             scores["st_lpips"] = st_lpips(pred, gt)
+            scores["st_lpips_vgg"] = st_lpips(pred, gt, "vgg")
             outputs = [read_rgb(p) for _, p, _ in pair_files(pred, gt)]
             scores["lattice"] = sum(map(lattice_score, outputs)) / len(outputs)
             scores["s_per_image"] = timing["wall_s"] / timing["images"]
@@ -83,10 +85,11 @@ def measure(sets: list[str], models: list[str]) -> dict:
 def metrics_table(results: dict) -> str:
     lines = []
     for set_name, rows in results.items():
-        lines += [f"\n**{set_name}** ({len(list((SETS[set_name][0]).iterdir()))} images, 4x)\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|"]
+        lines += [f"\n**{set_name}** ({len(list((SETS[set_name][0]).iterdir()))} images, 4x)\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|---|"]
         for model, s in rows.items():
             lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"
-            lines.append(f"| {MODELS[model]} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {s['niqe']:.3f} | {lattice} |")
+            vgg = f"{s['st_lpips_vgg']:.4f}" if "st_lpips_vgg" in s else "-"
+            lines.append(f"| {MODELS[model]} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {vgg} | {s['niqe']:.3f} | {lattice} |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,8 @@
 """Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 1-2 h on 2 CPU cores).
 
-Photos from Debian packages -> degraded pairs -> stand-in base VAE and teacher -> the paper's chain
+Photos from Debian packages -> degraded pairs -> (with `--config trainer/configs/demo-realesrgan.yaml`,
+Real-ESRGAN x4plus's restorations of them: the demo's pretrained prior, computed once) -> stand-in base
+VAE and teacher -> the paper's chain
 (tiny VAE, cache, pruning search, export, distill-1, distill-2, export) with trainer/configs/demo.yaml,
 then the teacher and student are written in fp16 to assets/weights/. Every step is a separate
 command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint).
@@ -67,14 +69,18 @@ def weight_differences(retrained: Path, bundled: Path = WEIGHTS) -> dict[str, fl
     return differences
 
 
-def steps(name: str = "demo", weights: Path = WEIGHTS) -> list[tuple[str, list[str] | None]]:
+def steps(name: str = "demo", weights: Path = WEIGHTS, config: str = CONFIG) -> list[tuple[str, list[str] | None]]:
+    from trainer.config import load_config
+
     py, trainer = [sys.executable], [sys.executable, "-m", "trainer"]
     degrade = [*py, "-m", "tinysr", "degrade"]
-    cfg = ["--config", CONFIG, "--resume", "latest", f"name={name}", f"teacher={weights / 'tsdsr-demo'}"]
+    cfg = ["--config", config, "--resume", "latest", f"name={name}", f"teacher={weights / 'tsdsr-demo'}"]
+    prior = load_config(ROOT / config).standins.target == "realesrgan"
     return [
         ("photos", [*py, "scripts/fetch_photos.py", str(PHOTOS)]),
         ("pairs", [*degrade, str(PHOTOS / "train"), "-o", str(PAIRS), "--crop", str(TRAIN_CROP), "--per-image", str(CROPS_PER_PHOTO), "--seed", str(SEED)]),
         ("synthetic", [*degrade, str(PHOTOS / "test"), "-o", str(SYNTHETIC), "--crop", str(TEST_CROP), "--per-image", str(TEST_CROPS_PER_PHOTO), "--seed", str(TEST_SEED)]),
+        *([("demo-prior", [*trainer, "demo-prior", *cfg])] if prior else []),
         ("demo-base-vae", [*trainer, "demo-base-vae", *cfg]),
         ("demo-teacher", [*trainer, "demo-teacher", *cfg]),
         ("publish-teacher", None),
@@ -96,16 +102,24 @@ def first_last_loss(run: Path, stage: str) -> dict:
 
 
 def main() -> int:
-    names = [name for name, _ in steps()]
+    names = [name for name, _ in steps(config="trainer/configs/demo-realesrgan.yaml")]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=CONFIG, help="the chain's config (relative to the repository)")
     parser.add_argument("--from", dest="start", choices=names, default=names[0])
-    parser.add_argument("--name", default="demo", help="run name: stages write runs/NAME/STAGE")
+    parser.add_argument("--name", help="run name: stages write runs/NAME/STAGE (default: the config's name)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the fp16 teacher and student are published")
     args = parser.parse_args()
+    from trainer.config import load_config
+
+    args.name = args.name or load_config(ROOT / args.config).name
     run, weights = RUNS / args.name, args.weights.resolve()
     timings_path = run / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() and args.start != names[0] else {}
-    for name, command in steps(args.name, weights)[names.index(args.start) :]:
+    chain = steps(args.name, weights, args.config)
+    chain_names = [name for name, _ in chain]
+    if args.start not in chain_names:
+        parser.error(f"--from {args.start}: {args.config} has no such step")
+    for name, command in chain[chain_names.index(args.start) :]:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         if name == "publish-teacher":

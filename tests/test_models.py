@@ -90,6 +90,29 @@ def test_patch_autoencoder_starts_as_whitened_pca(tmp_path):
 
 
 @torch.no_grad()
+def test_lapped_patch_decoder_starts_as_the_patch_decoder(tmp_path):
+    """lapped: one 8x8-kernel transposed convolution (stride 4) whose centre starts as the PCA patch decoder.
+
+    Its bias is per colour, so the start differs from the patch decoder by exactly the mean patch's spread
+    around its per-colour mean (next to nothing on photos); the overlap starts at zero and is learnt.
+    """
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.pixel_shuffle((torch.randn(400, 12, generator=g) @ torch.randn(12, 48, generator=g)).reshape(4, 10, 10, 48).permute(0, 3, 1, 2), 4) * 0.1
+    patch, lapped = PatchAutoencoder(channels=8, blocks=1), PatchAutoencoder(channels=8, blocks=1, lapped=True)
+    patch.fit_linear(images)
+    lapped.fit_linear(images)
+    z = patch.encode(images)
+    assert torch.equal(lapped.encode(images), z)
+    mean = torch.nn.functional.pixel_unshuffle(images, 4).mean((0, 2, 3)).reshape(3, 16)
+    spread = torch.nn.functional.pixel_shuffle((mean - mean.mean(1, keepdim=True)).reshape(1, 48, 1, 1).expand(1, 48, 10, 10), 4)
+    assert torch.allclose(patch.decode(z) - lapped.decode(z), spread, atol=1e-5)
+    kernel = lapped.decoder_synthesis.weight
+    assert kernel.shape == (16, 3, 8, 8) and kernel[:, :, :2].abs().sum() == 0 and kernel[:, :, :, 6:].abs().sum() == 0
+    lapped.save_pretrained(tmp_path / "v")
+    assert torch.equal(PatchAutoencoder.from_pretrained(tmp_path / "v").decode(z), lapped.decode(z))
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("kind", ["transformer", "vae"])
 def test_lora_merge_equals_adapter_output(kind):
     if kind == "transformer":

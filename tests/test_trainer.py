@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from tinysr import TinySRPipeline, TinySRTransformer, TSDSRPipeline
+from tinysr.imageio import load_image
 from trainer.cli import main as trainer_main
 from trainer.config import ConfigError, check, load_config
 
@@ -313,6 +314,44 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
     assert type(teacher.vae).__name__ == vae_class
     assert teacher.prompt_embeds.shape == (1, 3, TINY_SD3["joint_attention_dim"])
     assert teacher(random_image(16, 16)).image.shape == (3, 64, 64)
+
+
+def test_demo_prior_restorations_become_the_teachers_target(workspace):
+    """demo-prior writes Real-ESRGAN's x4 of every LQ once; with target realesrgan both stand-ins train on them."""
+    from tests.conftest import TINY_SD3
+    from tinysr.baselines import RealESRGANUpscaler
+    from trainer.common import PairDataset
+
+    cfg = str(workspace / "tiny.yaml")
+    run = workspace / "runs" / "prior"
+    with pytest.raises(FileNotFoundError, match="demo-prior"):
+        PairDataset(workspace / "pairs", 64, prior_dir=workspace / "absent")
+    assert trainer_main(["demo-prior", "--config", cfg, "name=prior", "stages.demo-prior={batch_size: 4}"]) == 0
+    written = sorted((run / "demo-prior" / "final").glob("*.png"))
+    assert [p.name for p in written] == [f"p{i}.png" for i in range(6)]
+    lq = load_image(workspace / "pairs" / "lq" / "p3.png").rgb
+    expected = RealESRGANUpscaler()(lq).image  # the product's Real-ESRGAN on one whole crop, 8-bit like the file
+    assert (load_image(written[3]).rgb - expected).abs().max() <= 1 / 255 + 1e-6
+    stamps = [p.stat().st_mtime_ns for p in written]
+    assert trainer_main(["demo-prior", "--config", cfg, "name=prior", "stages.demo-prior={batch_size: 4}"]) == 0
+    assert [p.stat().st_mtime_ns for p in written] == stamps  # cached: computed once, reused
+
+    standins = [
+        "name=prior", "standins.vae_class=PatchAutoencoder", "standins.target=realesrgan", "standins.prompt_tokens=3",
+        f"standins.vae={json.dumps({**TINY_PATCH, 'lapped': True})}", f"standins.transformer={json.dumps(TINY_SD3)}",
+    ]
+    stage = {"lr": 3e-3, "steps": 8, "batch_size": 2, "log_every": 1, "overfit_batch": True}
+    args = [
+        f"stages.demo-base-vae={json.dumps({**stage, 'w_l1': 1.0})}",
+        f"stages.demo-teacher={json.dumps({**stage, 'w_l1': 1.0, 'w_image_l1': 1.0})}",
+    ]
+    for name in ("demo-base-vae", "demo-teacher"):
+        assert trainer_main([name, "--config", cfg, *standins, *args]) == 0
+    rows = log_rows(workspace, "demo-teacher", "prior")
+    assert all(r["identity_l1"] > 0 and "image_l1" in r for r in rows)
+    assert falls([r["loss"] for r in rows])
+    with pytest.raises(ConfigError, match="standins.target"):
+        check(load_config(cfg, ["standins.target=esrgan"]), ["distill-1"])
 
 
 @pytest.mark.parametrize("name, kept", [("paper", 12), ("paper-prune33", 16), ("paper-prune67", 8)])

@@ -20,11 +20,16 @@ class PairDataset(Dataset):
     """Degraded pairs as `{"name", "lq_up", "gt"}` in [-1, 1]; the LQ is bicubic-upscaled to the GT size.
 
     Pairs larger than `crop` are centre-cropped (the random 512 crops were taken by `degrade`).
+    With `prior_dir`, each item also has "prior": that folder's image of the same name (GT-sized).
     """
 
-    def __init__(self, pairs_dir, crop: int, scale: int = 4):
+    def __init__(self, pairs_dir, crop: int, scale: int = 4, prior_dir: Path | None = None):
         self.pairs = paired_images(Path(pairs_dir))
-        self.crop, self.scale = crop, scale
+        self.crop, self.scale, self.prior_dir = crop, scale, prior_dir
+        if prior_dir is not None:
+            missing = [name for name, _, _ in self.pairs if not (prior_dir / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{prior_dir} lacks {len(missing)} of the pairs' restorations ({missing[0]}, ...): run the `demo-prior` stage")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -37,12 +42,17 @@ class PairDataset(Dataset):
         lq = lq[:, top : top + c // s, left : left + c // s]
         gt = gt[:, top * s : top * s + c, left * s : left * s + c]
         lq_up = F.interpolate(lq[None], size=gt.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
-        return {"name": name, "lq_up": lq_up * 2 - 1, "gt": gt * 2 - 1}
+        item = {"name": name, "lq_up": lq_up * 2 - 1, "gt": gt * 2 - 1}
+        if self.prior_dir is not None:
+            prior = load_image(self.prior_dir / name).rgb
+            item["prior"] = prior[:, top * s : top * s + c, left * s : left * s + c] * 2 - 1
+        return item
 
 
-def stage_pairs(cfg, s) -> PairDataset:
-    """The pairs at the stage's crop size (`stages.X.crop`, else `data.crop`)."""
-    return PairDataset(cfg.data.pairs, s.crop or cfg.data.crop)
+def stage_pairs(cfg, s, prior: bool = False) -> PairDataset:
+    """The pairs at the stage's crop size (`stages.X.crop`, else `data.crop`), with the demo prior's restorations if asked."""
+    prior_dir = require(final_dir(cfg, "demo-prior"), "demo-prior") if prior else None
+    return PairDataset(cfg.data.pairs, s.crop or cfg.data.crop, prior_dir=prior_dir)
 
 
 def final_dir(cfg, stage: str) -> Path:

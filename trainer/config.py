@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
-    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-base-vae", "demo-teacher",
+    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher",
 )
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
 
@@ -60,6 +60,7 @@ class StageConfig:
     w_lpips: float = 0.0
     w_gan: float = 0.0
     w_kl: float = 0.0
+    w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
@@ -100,6 +101,9 @@ class StandInConfig:
     vae: dict[str, Any] = field(default_factory=dict)  # vae_class(**vae)
     transformer: dict[str, Any] = field(default_factory=dict)  # SD3Transformer2DModel(**transformer)
     prompt_tokens: int = 16
+    # what demo-teacher restores towards: the photos (gt), or Real-ESRGAN x4plus's restorations of the LQ
+    # (realesrgan, written once by the demo-prior stage), the pretrained prior TSD-SR gets from SD3
+    target: str = "gt"
 
 
 @dataclass
@@ -185,6 +189,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
         if stage in stages and not cfg.standins[part]:
             raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")
+    if cfg.standins.target not in ("gt", "realesrgan"):
+        raise ConfigError(f"standins.target must be gt or realesrgan, got {cfg.standins.target!r}")
     if "demo-base-vae" in stages:
         from tinysr.pipelines.tsdsr import TEACHER_VAES
 

@@ -4,6 +4,12 @@ A linear map of 4x4 patches to the latent (and back), plus residual convolutions
 resolution that start at zero. `fit_linear` sets the linear maps to whitened PCA of real patches,
 so training starts from a good autoencoder (~40 dB on held-out photos) and only refines it:
 from random weights this net, like a TAESD-shaped one, needed thousands of CPU steps to pass 23 dB.
+Decoding patch by patch leaves each patch's error inside its 4x4 block, a lattice the eye sees on
+smooth areas (lattice score 1.85 after a round trip of bicubic-upscaled inputs, 1.06 before it).
+`lapped` decodes instead with a refiner in latent space, then one transposed convolution whose 8x8
+kernels may overlap their neighbours (they start as the patch decoder): 1.34 at 38.6 dB (the patch
+decoder: 37.9 dB) after 600 CPU steps. A TAESD-shaped convolutional decoder from scratch reached 1.22
+but only 24.7 dB in 1000 steps; the least-squares optimal overlapping kernels alone made it worse (1.93).
 """
 
 import torch
@@ -45,13 +51,18 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         channels: int = 64,
         blocks: int = 2,
         scaling_factor: float = 1.0,
+        lapped: bool = False,
     ):
         super().__init__()
         patch = 3 * patch_size**2
         self.encoder_linear = nn.Conv2d(patch, latent_channels, 1)
         self.encoder_refiner = Refiner(patch, channels, latent_channels, blocks)
-        self.decoder_linear = nn.Conv2d(latent_channels, patch, 1)
-        self.decoder_refiner = Refiner(latent_channels, channels, patch, blocks)
+        if lapped:
+            self.decoder_refiner = Refiner(latent_channels, channels, latent_channels, blocks)
+            self.decoder_synthesis = nn.ConvTranspose2d(latent_channels, 3, 2 * patch_size, stride=patch_size, padding=patch_size // 2)
+        else:
+            self.decoder_linear = nn.Conv2d(latent_channels, patch, 1)
+            self.decoder_refiner = Refiner(latent_channels, channels, patch, blocks)
 
     @property
     def downscale(self) -> int:
@@ -62,6 +73,8 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         return self.encoder_linear(p) + self.encoder_refiner(p)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.config.lapped:
+            return self.decoder_synthesis(latent + self.decoder_refiner(latent))
         p = self.decoder_linear(latent) + self.decoder_refiner(latent)
         return F.pixel_shuffle(p, self.config.patch_size)
 
@@ -83,5 +96,13 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         encode = basis.T / (2 * std[:, None])
         self.encoder_linear.weight.copy_(encode[:, :, None, None])
         self.encoder_linear.bias.copy_(-encode @ mean)
-        self.decoder_linear.weight.copy_((basis * 2 * std)[:, :, None, None])
+        decode = basis * 2 * std  # (patch values, latent channels)
+        if self.config.lapped:  # the patch decoder in the kernel's centre; training grows the overlap
+            q = self.config.patch_size
+            kernel = decode.T.reshape(k, 3, q, q)
+            self.decoder_synthesis.weight.zero_()
+            self.decoder_synthesis.weight[:, :, q // 2 : q // 2 + q, q // 2 : q // 2 + q] = kernel
+            self.decoder_synthesis.bias.copy_(mean.reshape(3, q * q).mean(1))
+            return
+        self.decoder_linear.weight.copy_(decode[:, :, None, None])
         self.decoder_linear.bias.copy_(mean)

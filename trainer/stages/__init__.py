@@ -14,6 +14,7 @@ STAGE_FUNCTIONS = {
     "distill-2": "distill:run_distill",
     "export": "export:run_export",
     "token-prune": "token_prune:run_token_prune",
+    "demo-prior": "standins:run_prior",
     "demo-base-vae": "standins:run_base_vae",
     "demo-teacher": "standins:run_teacher",
 }

@@ -1,21 +1,32 @@
 """Demo-scale stand-ins for the pretrained models the paper starts from (no hub access here).
 
+demo-prior: Real-ESRGAN x4plus's restoration of every pair's LQ, written once as PNGs that later stages
+reuse. With `standins.target: realesrgan` the stand-in teacher learns to reproduce them, the way TSD-SR
+inherits what SD3 learnt: a pretrained generative prior the demo chain would otherwise lack. (Trained
+from scratch on L1/LPIPS/GAN to the photos for 300 CPU steps, the earlier teacher drew an 8-pixel
+dot lattice on smooth areas and was blurrier than Real-ESRGAN.)
+
 demo-base-vae: a small VAE trained as an autoencoder on the training photos, in place of SD3's VAE:
 L1 + LPIPS reconstruction (of the posterior mean, plus a weak KL term, for an AutoencoderKL); its
 scaling factor is set from the latents it produces, as SD3's was. The demo uses a PatchAutoencoder
 whose linear path starts as PCA of the training patches: from scratch, a small AutoencoderKL
 reconstructed at about 15 dB after 30 CPU minutes, a TAESD-shaped net at 18.5 dB after 600 steps.
 demo-teacher: a small SD3Transformer2DModel with one fixed random "prompt", trained for one-step
-4x SR in that latent space (z_lq - eps(z_lq) ~ z_hq, plus LPIPS and GAN through the frozen VAE
-decoder), in place of TSD-SR. It writes a TSD-SR pipeline folder, which the real chain then
+4x SR in that latent space (z_lq - eps(z_lq) ~ z_target, plus image L1, LPIPS and GAN through the
+frozen VAE decoder; the target is the photo or the prior's restoration), in place of TSD-SR. It writes a TSD-SR pipeline folder, which the real chain then
 uses as its teacher exactly as it would use the converted TSD-SR release.
 """
+
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from omegaconf import OmegaConf
 
+from tinysr.imageio import load_image, to_pil
+from tinysr.latent_cache import paired_images
 from tinysr.models import PatchAutoencoder
 from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import vae_decode, vae_encode
@@ -24,10 +35,42 @@ from tinysr.weights import load_component
 
 from ..common import FINAL, final_dir, require, stage_pairs
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
-from ..run import TrainingRun
+from ..run import TrainingRun, stage_dir
 
 SCALING_BATCHES = 8
 PCA_BATCHES = 32
+
+
+@torch.no_grad()
+def run_prior(cfg, stage: str, resume: str | None = None):
+    """Real-ESRGAN x4plus on every pair's LQ (whole crops, batched by size); pairs already written are skipped."""
+    from tinysr.baselines import RealESRGANUpscaler
+    from tinysr.device import pick_device
+
+    out = stage_dir(cfg, stage) / FINAL
+    out.mkdir(parents=True, exist_ok=True)
+    todo: dict[tuple, list] = {}
+    for name, lq_path, _ in paired_images(Path(cfg.data.pairs)):
+        if not (out / name).is_file():
+            lq = load_image(lq_path).rgb
+            todo.setdefault(tuple(lq.shape), []).append((name, lq))
+    if not todo:
+        return out
+    model = RealESRGANUpscaler(device=pick_device(None))
+    batch_size = cfg.stages[stage].batch_size
+    done = 0
+    for items in todo.values():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i : i + batch_size]
+            x = torch.stack([lq for _, lq in chunk]).to(model.device).contiguous(memory_format=torch.channels_last)
+            y = model._forward(x).float().clamp(0, 1).cpu()
+            for (name, _), image in zip(chunk, y):
+                tmp = out / f".{name}.part.png"
+                to_pil(image).save(tmp)
+                os.replace(tmp, out / name)  # a killed run leaves no half-written target behind
+            done += len(chunk)
+        print(f"{stage}: {done} restorations written to {out}", flush=True)
+    return out
 
 
 class Reconstruction(torch.nn.Module):
@@ -62,7 +105,8 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
     torch.manual_seed(cfg.seed)
     vae_class = TEACHER_VAES[cfg.standins.vae_class]
     vae = vae_class(**OmegaConf.to_container(cfg.standins.vae)).to(memory_format=torch.channels_last)
-    data = stage_pairs(cfg, s)
+    prior = cfg.standins.target == "realesrgan"
+    data = stage_pairs(cfg, s, prior=prior)
     if isinstance(vae, PatchAutoencoder):  # a resumed run overwrites this with its checkpoint
         vae.fit_linear(torch.cat([run.batch(data, -1 - i)["gt"] for i in range(PCA_BATCHES)]))
     params = list(vae.parameters())
@@ -71,8 +115,8 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     for step in run.steps():
         batch = run.batch(data, step)
-        # both clean photos and degraded inputs: the teacher's VAE encodes the latter at inference
-        x = torch.cat([batch["gt"], batch["lq_up"]]).contiguous(memory_format=torch.channels_last)
+        # clean photos, degraded inputs (the teacher's VAE encodes them at inference) and the teacher's targets
+        x = torch.cat([batch["gt"], batch["lq_up"], *([batch["prior"]] if prior else [])]).contiguous(memory_format=torch.channels_last)
         with run.accelerator.accumulate(model):
             y, kl = model(x)
             l1 = F.l1_loss(y.float(), x.float())
@@ -90,6 +134,30 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
         vae.register_to_config(scaling_factor=latent_scaling_factor(vae, data, run))
         vae.save_pretrained(run.dir / FINAL / "vae")
     return run.dir / FINAL
+
+
+class EncodedPairs(torch.utils.data.Dataset):
+    """The pairs encoded once by the frozen VAE: "z_lq", "z_target" (unscaled) and, for image losses, "image".
+
+    The teacher regresses latents for thousands of steps; decoding PNGs and encoding them again at
+    every step cost more than the transformer itself.
+    """
+
+    @torch.no_grad()
+    def __init__(self, pairs, vae, target: str, with_images: bool, device, chunk: int = 32):
+        items = [pairs[i] for i in range(len(pairs))]
+        self.tensors: dict[str, torch.Tensor] = {}
+        for key, source in (("z_lq", "lq_up"), ("z_target", target)):
+            images = [torch.stack([item[source] for item in items[i : i + chunk]]) for i in range(0, len(items), chunk)]
+            self.tensors[key] = torch.cat([vae_encode(vae, x.to(device)).cpu() for x in images])
+        if with_images:
+            self.tensors["image"] = torch.stack([item[target] for item in items])
+
+    def __len__(self) -> int:
+        return len(self.tensors["z_lq"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {key: t[i] for key, t in self.tensors.items()}
 
 
 def fixed_condition(cfg, transformer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +184,9 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     # the pipeline is the training graph too: its `predict` is what inference will run
     pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device)
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
-    data = stage_pairs(cfg, s)
+    target = "prior" if cfg.standins.target == "realesrgan" else "gt"
+    with_images = s.w_lpips > 0 or s.w_gan > 0 or s.w_image_l1 > 0
+    data = EncodedPairs(stage_pairs(cfg, s, prior=target == "prior"), vae, target, with_images, run.device)
     params = list(transformer.parameters())
     opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
@@ -126,19 +196,21 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     scale = vae.config.scaling_factor
     for step in run.steps():
         batch = run.batch(data, step)
-        with torch.no_grad():
-            z_lq = vae_encode(vae, batch["lq_up"]) * scale
-            z_hq = vae_encode(vae, batch["gt"]) * scale
+        z_lq, z_target = batch["z_lq"] * scale, batch["z_target"] * scale
         with run.accelerator.accumulate(model):
             z = z_lq - pipe.predict(z_lq)
-            l1 = F.l1_loss(z.float(), z_hq.float())
-            loss, logs = s.w_l1 * l1, {"l1": l1.item()}
-            if lpips is not None or disc is not None:
+            l1 = F.l1_loss(z.float(), z_target.float())
+            # the identity's L1 on the same batch: batches differ so much that l1 alone hides progress
+            loss, logs = s.w_l1 * l1, {"l1": l1.item(), "identity_l1": F.l1_loss(z_lq, z_target).item()}
+            if lpips is not None or disc is not None or s.w_image_l1 > 0:
                 image = vae_decode(vae, z / scale)
-                loss = loss + image_losses(image, batch["gt"], s, lpips, disc, logs)
+                loss = loss + image_losses(image, batch["image"], s, lpips, disc, logs)
+                if s.w_image_l1 > 0:
+                    image_l1 = F.l1_loss(image.float(), batch["image"].float())
+                    loss, logs["image_l1"] = loss + s.w_image_l1 * image_l1, image_l1.item()
             run.optimizer_step(loss, opt, params, schedule)
         if disc is not None:
-            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
+            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["image"], image)
         run.log(step, loss=loss.item(), lr=schedule.get_last_lr()[0], **logs)
     run.finish()
     if run.is_main:
