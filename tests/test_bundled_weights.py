@@ -71,3 +71,15 @@ def test_retraining_check_reports_how_far_a_retrained_tensor_moved(tmp_path):
     assert differences["tsdsr-demo/transformer/diffusion_pytorch_model.safetensors"] == 0.0
     save_file({"renamed": tensors[name]}, vae)
     assert weight_differences(retrained)["tinysr-demo/vae/diffusion_pytorch_model.safetensors"] == float("inf")
+
+
+def test_the_retraining_script_runs_the_prior_only_for_a_config_that_uses_it():
+    """demo.yaml (the bundled weights' recipe) has no prior step; demo-realesrgan.yaml runs it before the stand-ins."""
+    from scripts.train_demo_weights import steps
+
+    plain = [name for name, _ in steps(config="trainer/configs/demo.yaml")]
+    prior = [name for name, _ in steps(name="x", config="trainer/configs/demo-realesrgan.yaml")]
+    assert "demo-prior" not in plain
+    assert prior.index("pairs") < prior.index("demo-prior") < prior.index("demo-base-vae")
+    command = dict(steps(name="x", config="trainer/configs/demo-realesrgan.yaml"))["demo-teacher"]
+    assert "trainer/configs/demo-realesrgan.yaml" in command and "name=x" in command
