@@ -83,3 +83,26 @@ def test_the_retraining_script_runs_the_prior_only_for_a_config_that_uses_it():
     assert prior.index("pairs") < prior.index("demo-prior") < prior.index("demo-base-vae")
     command = dict(steps(name="x", config="trainer/configs/demo-realesrgan.yaml"))["demo-teacher"]
     assert "trainer/configs/demo-realesrgan.yaml" in command and "name=x" in command
+
+
+def test_comparison_sheet_crops_the_most_detailed_and_the_smoothest_window(tmp_path):
+    """The sheet's crops: where detail shows (sharpness) and where a flat area would show a grid."""
+    import os
+    import subprocess
+    import sys
+
+    from scripts.comparison_sheet import crop_box
+
+    image = torch.full((3, 64, 64), 0.5)
+    image[:, 32:, 32:] = (torch.arange(32)[None, :] % 2).float().expand(3, 32, 32)  # a checkerboard-like corner
+    assert crop_box(image, 16, "detail") == (32, 32, 48, 48)  # the first window wholly inside the stripes
+    assert crop_box(image, 16, "smooth") == (0, 0, 16, 16)
+    lr = tmp_path / "lr.png"
+    Image.fromarray((torch.rand(24, 20, 3) * 255).byte().numpy()).save(lr)
+    out = tmp_path / "sheet.png"
+    result = subprocess.run(
+        [sys.executable, "scripts/comparison_sheet.py", str(lr), "-o", str(out), "--models", "bicubic,tinysr", "--crop", "32", "--zoom", "1"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (2 * 32, 20 + 2 * 32)  # 2 models x (detail, smooth) rows under the labels
