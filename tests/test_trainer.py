@@ -286,6 +286,20 @@ def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):
 TINY_PATCH = {"latent_channels": 16, "patch_size": 4, "channels": 8, "blocks": 1}
 
 
+def train_standins(cfg, vae_class, vae, steps, base_vae_loss, teacher_loss, extra=()):
+    """demo-base-vae then demo-teacher on a fixed batch of 2, with the tiny SD3 transformer as the teacher."""
+    from tests.conftest import TINY_SD3
+
+    stage = {"lr": 3e-3, "steps": steps, "batch_size": 2, "log_every": 1, "overfit_batch": True}
+    args = [
+        *extra, f"standins.vae_class={vae_class}", f"standins.vae={json.dumps(vae)}",
+        f"standins.transformer={json.dumps(TINY_SD3)}", "standins.prompt_tokens=3",
+        f"stages.demo-base-vae={json.dumps({**stage, **base_vae_loss})}", f"stages.demo-teacher={json.dumps({**stage, **teacher_loss})}",
+    ]
+    for name in ("demo-base-vae", "demo-teacher"):
+        assert trainer_main([name, "--config", cfg, *args]) == 0
+
+
 @pytest.mark.parametrize("vae_class", ["AutoencoderKL", "PatchAutoencoder"])
 def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_class):
     """demo-base-vae + demo-teacher (the bundled weights' stand-ins for SD3's VAE and TSD-SR) on a fixed batch."""
@@ -293,19 +307,7 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
 
     cfg = str(workspace / "tiny.yaml")
     vae = {**TINY_KL, "scaling_factor": 1.0} if vae_class == "AutoencoderKL" else TINY_PATCH
-    standins = [
-        f"standins.vae_class={vae_class}",
-        f"standins.vae={json.dumps(vae)}",
-        f"standins.transformer={json.dumps(TINY_SD3)}",
-        "standins.prompt_tokens=3",
-    ]
-    stage = {"lr": 3e-3, "steps": 10, "batch_size": 2, "log_every": 1, "overfit_batch": True}
-    args = [
-        f"stages.demo-base-vae={json.dumps({**stage, 'w_l1': 1.0, 'w_lpips': 0.5, 'w_kl': 1e-6})}",
-        f"stages.demo-teacher={json.dumps({**stage, 'w_l1': 1.0, 'w_lpips': 1.0, 'w_gan': 0.1})}",
-    ]
-    for name in ("demo-base-vae", "demo-teacher"):
-        assert trainer_main([name, "--config", cfg, *standins, *args]) == 0
+    train_standins(cfg, vae_class, vae, 10, {"w_l1": 1.0, "w_lpips": 0.5, "w_kl": 1e-6}, {"w_l1": 1.0, "w_lpips": 1.0, "w_gan": 0.1})
     assert falls([r["l1"] for r in log_rows(workspace, "demo-base-vae")])
     assert falls([r["loss"] for r in log_rows(workspace, "demo-teacher")])  # starts at the identity: l1 may rise
     vae_config = json.loads((workspace / "runs" / "tiny" / "demo-base-vae" / "final" / "vae" / "config.json").read_text())
@@ -318,7 +320,6 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
 
 def test_demo_prior_restorations_become_the_teachers_target(workspace):
     """demo-prior writes Real-ESRGAN's x4 of every LQ once; with target realesrgan both stand-ins train on them."""
-    from tests.conftest import TINY_SD3
     from tinysr.baselines import RealESRGANUpscaler
     from trainer.common import PairDataset
 
@@ -336,17 +337,8 @@ def test_demo_prior_restorations_become_the_teachers_target(workspace):
     assert trainer_main(["demo-prior", "--config", cfg, "name=prior", "stages.demo-prior={batch_size: 4}"]) == 0
     assert [p.stat().st_mtime_ns for p in written] == stamps  # cached: computed once, reused
 
-    standins = [
-        "name=prior", "standins.vae_class=PatchAutoencoder", "standins.target=realesrgan", "standins.prompt_tokens=3",
-        f"standins.vae={json.dumps({**TINY_PATCH, 'lapped': True})}", f"standins.transformer={json.dumps(TINY_SD3)}",
-    ]
-    stage = {"lr": 3e-3, "steps": 8, "batch_size": 2, "log_every": 1, "overfit_batch": True}
-    args = [
-        f"stages.demo-base-vae={json.dumps({**stage, 'w_l1': 1.0})}",
-        f"stages.demo-teacher={json.dumps({**stage, 'w_l1': 1.0, 'w_image_l1': 1.0})}",
-    ]
-    for name in ("demo-base-vae", "demo-teacher"):
-        assert trainer_main([name, "--config", cfg, *standins, *args]) == 0
+    lapped = {**TINY_PATCH, "lapped": True}
+    train_standins(cfg, "PatchAutoencoder", lapped, 8, {"w_l1": 1.0}, {"w_l1": 1.0, "w_image_l1": 1.0}, ["name=prior", "standins.target=realesrgan"])
     rows = log_rows(workspace, "demo-teacher", "prior")
     assert all(r["identity_l1"] > 0 and "image_l1" in r for r in rows)
     assert falls([r["loss"] for r in rows])

@@ -13,8 +13,8 @@ whose linear path starts as PCA of the training patches: from scratch, a small A
 reconstructed at about 15 dB after 30 CPU minutes, a TAESD-shaped net at 18.5 dB after 600 steps.
 demo-teacher: a small SD3Transformer2DModel with one fixed random "prompt", trained for one-step
 4x SR in that latent space (z_lq - eps(z_lq) ~ z_target, plus image L1, LPIPS and GAN through the
-frozen VAE decoder; the target is the photo or the prior's restoration), in place of TSD-SR. It writes a TSD-SR pipeline folder, which the real chain then
-uses as its teacher exactly as it would use the converted TSD-SR release.
+frozen VAE decoder; the target is the photo or the prior's restoration), in place of TSD-SR. It
+writes a TSD-SR pipeline folder, which the real chain then uses as its teacher exactly as it would use the converted TSD-SR release.
 """
 
 import os
