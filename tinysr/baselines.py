@@ -292,7 +292,8 @@ class RealESRGANUpscaler(BaselineUpscaler):
     def modules(self) -> dict:
         return {"network": self.net}
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def network(self, x: torch.Tensor) -> torch.Tensor:
+        """The RRDBNet on a batch of whole RGB images (B, 3, H, W) in [0, 1], no tiling (`upscale` tiles)."""
         if REALESRGAN_INPUT_ORDER == "BGR":
             return self.net(x.flip(1)).flip(1)
         return self.net(x)
@@ -305,7 +306,7 @@ class RealESRGANUpscaler(BaselineUpscaler):
         overlap = min(overlap, tile // 2)
         x = x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last)
         with timed(timings, "network", self.device):
-            y = tiled_map(self._forward, x, tile, overlap, x_scale=1, y_scale=SCALE)
+            y = tiled_map(self.network, x, tile, overlap, x_scale=1, y_scale=SCALE)
         return y.float().cpu()
 
 

@@ -63,7 +63,7 @@ def run_prior(cfg, stage: str, resume: str | None = None):
         for i in range(0, len(items), batch_size):
             chunk = items[i : i + batch_size]
             x = torch.stack([lq for _, lq in chunk]).to(model.device).contiguous(memory_format=torch.channels_last)
-            y = model._forward(x).float().clamp(0, 1).cpu()
+            y = model.network(x).float().clamp(0, 1).cpu()
             for (name, _), image in zip(chunk, y):
                 tmp = out / f".{name}.part.png"
                 to_pil(image).save(tmp)
