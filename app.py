@@ -24,6 +24,7 @@ from tinysr.baselines import bicubic_x4
 from tinysr.degradation import DegradationConfig, RealESRGANDegradation
 from tinysr.device import PeakMemory
 from tinysr.errors import MissingWeightsError, TinySRError
+from tinysr.evaluate import quality_table
 from tinysr.imageio import LoadedImage, load_image, to_pil
 from tinysr.metrics import METRICS, MetricSuite
 from tinysr.official import RECIPES
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parent
 EXAMPLES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.png"))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BENCH_RESULTS = [ROOT / "assets" / "benchmarks", RUNS]
+DEMO_METRICS = ROOT / "assets" / "weights" / "demo_metrics.json"  # scripts/report_demo_weights.py writes it
 MODELS = ["tinysr", "tsdsr", "realesrgan-x4plus", "bicubic"]
 TITLES = {"tinysr": "TinySR", "tsdsr": "TSD-SR", "realesrgan-x4plus": "Real-ESRGAN x4plus", "bicubic": "Bicubic"}
 MAX_PIXELS = int(os.environ.get("TINYSR_MAX_PIXELS", 1024 * 1024))
@@ -326,10 +328,21 @@ def default_config() -> str | None:
 # ----------------------------------------------------------------------------------------------- about
 
 
+def demo_quality_markdown() -> str:
+    """What the bundled demo-scale weights scored, as their model cards report it."""
+    if not DEMO_METRICS.is_file():
+        return f"No measurements of the bundled weights ({DEMO_METRICS} is missing: `python scripts/report_demo_weights.py`)."
+    labels = {name: TITLES[name] + (" (demo scale, bundled)" if name in ("tinysr", "tsdsr") else "") for name in TITLES}
+    return (
+        "### Quality of the bundled demo-scale weights (`python scripts/report_demo_weights.py`)\n"
+        + quality_table(json.loads(DEMO_METRICS.read_text())["metrics"], labels)
+    )
+
+
 def about_markdown() -> str:
     from tinysr.bench import format_table
 
-    parts = ["## Efficiency"]
+    parts = [demo_quality_markdown(), "## Efficiency"]
     results = [p for folder in BENCH_RESULTS if folder.is_dir() for p in sorted(folder.glob("bench*.json"))]
     for path in results:
         try:
@@ -442,6 +455,8 @@ def build_demo() -> gr.Blocks:
                 b_metrics = gr.CheckboxGroup(["psnr", "ssim", "lpips", "dists", "niqe", "musiq", "maniqa", "clipiqa"], value=["psnr", "ssim", "niqe"], label="Metrics")
                 max_images = gr.Number(10, precision=0, minimum=1, label="Images (first N)")
             b_run = gr.Button("Run benchmark", variant="primary")
+            with gr.Accordion("Measured for the bundled demo-scale weights", open=False):
+                gr.Markdown(demo_quality_markdown(), elem_id="bench-bundled")
             b_summary = gr.Markdown(elem_id="bench-summary")
             b_table = gr.Dataframe(label="Averages", elem_id="bench-table")
             b_metric = gr.Dropdown([], label="Bar chart of")

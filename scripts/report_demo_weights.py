@@ -30,7 +30,7 @@ from scripts.train_demo_weights import (  # noqa: E402
     WEIGHTS,
 )
 from tinysr.bench import format_table, run_benchmark  # noqa: E402
-from tinysr.evaluate import evaluate_folders, pair_files, read_rgb, upscale_folder  # noqa: E402
+from tinysr.evaluate import evaluate_folders, pair_files, quality_table, read_rgb, upscale_folder  # noqa: E402
 from tinysr.metrics import METRICS, MetricSuite, lattice_score, missing_files  # noqa: E402
 from tinysr.pipelines import load_pipeline  # noqa: E402
 
@@ -74,7 +74,7 @@ def measure(sets: list[str], models: list[str]) -> dict:
             scores = evaluate_folders(pred, gt, progress=False, suite=suite)["average"]
             scores["st_lpips"] = st_lpips(pred, gt)
             scores["st_lpips_vgg"] = st_lpips(pred, gt, "vgg")
-            outputs = [read_rgb(p) for _, p, _ in pair_files(pred, gt)]
+            outputs = [read_rgb(p)[0] for _, p, _ in pair_files(pred, gt)]
             scores["lattice"] = sum(map(lattice_score, outputs)) / len(outputs)
             scores["s_per_image"] = timing["wall_s"] / timing["images"]
             results.setdefault(set_name, {})[model] = scores
@@ -83,18 +83,30 @@ def measure(sets: list[str], models: list[str]) -> dict:
 
 
 def metrics_table(results: dict) -> str:
+    return quality_table(results, MODELS, {name: len(list(SETS[name][0].iterdir())) for name in results})
+
+
+# How these weights were made, until one uninterrupted run of the script has reproduced them.
+PROVENANCE = (
+    "Provenance: the stages ran as separate commands of this code (the base VAE from an experiment whose config "
+    "carried two since-removed keys that did not change the model); `python scripts/train_demo_weights.py --name repro "
+    "--weights runs/repro-weights` retrains from scratch and prints the largest difference per tensor file, but has "
+    "not been run end to end for these weights yet."
+)
+
+
+def baseline_speed(bench: dict) -> str:
     lines = []
-    for set_name, rows in results.items():
-        lines += [f"\n**{set_name}** ({len(list((SETS[set_name][0]).iterdir()))} images, 4x)\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|---|"]
-        for model, s in rows.items():
-            lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"
-            vgg = f"{s['st_lpips_vgg']:.4f}" if "st_lpips_vgg" in s else "-"
-            lines.append(f"| {MODELS[model]} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {vgg} | {s['niqe']:.3f} | {lattice} |")
+    for name, b in bench.get("baselines", {}).items():
+        t = b["latency"]["fp32"]
+        lines.append(f"{MODELS[name]} in the same run: {b['params'] / 1e6:.1f} M parameters, {t:.2f} s fp32, "
+                     f"{t / bench['models']['TinySR']['latency']['fp32']['total']:.1f}x the student's time, "
+                     f"{t / bench['models']['TSD-SR']['latency']['fp32']['total']:.1f}x the teacher's.")
     return "\n".join(lines)
 
 
 def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
-    stages = ["demo-base-vae", "demo-teacher"] if kind == "teacher" else ["vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export"]
+    stages = ["demo-prior", "demo-base-vae", "demo-teacher"] if kind == "teacher" else ["vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export"]
     rows = "\n".join(
         f"| {s} | {timings[s].get('steps', '-')} | {timings[s]['wall_s'] / 60:.1f} | "
         + (f"{timings[s]['first_loss']:.4f} -> {timings[s]['last_loss']:.4f}" if "first_loss" in timings[s] else "-")
@@ -110,8 +122,10 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "A small one-step SR model with TSD-SR's architecture (an `SD3Transformer2DModel`, 8 blocks, width 128, "
             "one fixed random prompt, the output layer starting at zero so training begins from the identity) and a "
             "`PatchAutoencoder` (4x4 patches, 16 latent channels; linear path initialised as whitened PCA of the training "
-            "patches, then trained) as the stand-in for SD3's VAE. It plays TSD-SR's role in the demo chain: the teacher the student "
-            "is pruned from and distilled towards."
+            "patches; decoding through overlapping 8x8 kernels after a latent refiner) as the stand-in for SD3's VAE. "
+            "Its prior is Real-ESRGAN x4plus: it learnt to reproduce Real-ESRGAN's restorations of the training pairs "
+            "by latent regression, where the paper's TSD-SR inherits SD3's. It plays TSD-SR's role in the demo chain: "
+            "the teacher the student is pruned from and distilled towards."
         ),
         "student": (
             "The demo TinySR: the demo teacher pruned 2 of every 4 blocks by the learned (Gumbel, pair-coupled) search, "
@@ -123,13 +137,10 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
     }[kind]
     return f"""# {name} — demo scale (CPU-trained; not the paper's weights)
 
-{what} Trained by this repository's own trainer on a 2-core CPU with `python scripts/train_demo_weights.py`
-(`trainer/configs/demo.yaml`, seed 80); the paper-scale weights come from the official releases
+{what} Trained by this repository's own trainer on a 2-core CPU (`trainer/configs/demo-realesrgan.yaml`, seed 80,
+`python scripts/train_demo_weights.py` runs every step); the paper-scale weights come from the official releases
 (see the main README). Use these to try the app and CLI offline, not to judge the method.
-Reproducibility: `python scripts/train_demo_weights.py --from demo-base-vae --name repro --weights runs/repro-weights`
-retrained teacher and student on the same CPU with every tensor bitwise identical to these at commit e5f4ede (the
-script prints the largest difference per file); the VAEs' memory format changed since (last-bit rounding), and another
-CPU, thread count or torch version may also differ by rounding.
+{PROVENANCE}
 
 **Data**: {len(list((PAIRS / 'gt').iterdir()))} Real-ESRGAN-degraded pairs ({CROPS_PER_PHOTO} random 128 px crops per photo)
 of the training photos fetched from Debian packages by `scripts/fetch_photos.py` (see `runs/photos/ATTRIBUTION.md`).
@@ -149,6 +160,7 @@ Parameters: transformer {m['params']['transformer'] / 1e6:.2f} M, VAE {m['params
 {chr(10).join(f"Latency {d}: {lat['total']:.3f} s (encode {lat['encode']:.3f}, transformer {lat['transformer']:.3f}, decode {lat['decode']:.3f})" + "  " for d, lat in m['latency'].items())}
 (bf16 on a CPU without native bf16 arithmetic, like the 2-core one here, is far slower than fp32: use fp32 there.)
 Teacher / student in the same run: {", ".join(f"{k.replace('_', ' ')} {v:.2f}x" for k, v in bench['ratios'].items())}.
+{baseline_speed(bench)}
 
 ## Metrics (`python scripts/report_demo_weights.py`)
 {metrics_table(results)}
@@ -159,6 +171,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--run", type=Path, default=RUN, help="the training run whose timings.json the cards report")
     parser.add_argument("--no-bench", dest="bench", action="store_false", help=f"reuse {BENCH_JSON.name} (a quiet CPU measured it)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -170,13 +183,13 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     if args.bench:
-        bench = run_benchmark(size=128, device="cpu", repeats=3, dtypes=["fp32", "bf16"], scale="loaded")
+        bench = run_benchmark(size=128, device="cpu", repeats=3, dtypes=["fp32", "bf16"], scale="loaded", baselines=["realesrgan-x4plus"])
         BENCH_JSON.parent.mkdir(parents=True, exist_ok=True)
         BENCH_JSON.write_text(json.dumps(bench, indent=2) + "\n")
     else:
         bench = json.loads(BENCH_JSON.read_text())
     print(format_table(bench))
-    timings = json.loads((RUN / "timings.json").read_text())
+    timings = json.loads((args.run / "timings.json").read_text())
     ordered = {s: {m: results[s][m] for m in MODELS if m in results.get(s, {})} for s in SETS if s in results}
     (WEIGHTS / "demo_metrics.json").write_text(json.dumps({"metrics": ordered, "bench": bench, "training": timings}, indent=2) + "\n")
     for kind, folder in (("teacher", "tsdsr-demo"), ("student", "tinysr-demo")):

@@ -1,13 +1,14 @@
-"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 1-2 h on 2 CPU cores).
+"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 1.5 h on 2 CPU cores).
 
-Photos from Debian packages -> degraded pairs -> (with `--config trainer/configs/demo-realesrgan.yaml`,
-Real-ESRGAN x4plus's restorations of them: the demo's pretrained prior, computed once) -> stand-in base
-VAE and teacher -> the paper's chain
-(tiny VAE, cache, pruning search, export, distill-1, distill-2, export) with trainer/configs/demo.yaml,
-then the teacher and student are written in fp16 to assets/weights/. Every step is a separate
+Photos from Debian packages -> degraded pairs -> Real-ESRGAN x4plus's restorations of them (the
+demo's pretrained prior, computed once) -> stand-in base VAE and teacher -> the paper's chain
+(tiny VAE, cache, pruning search, export, distill-1, distill-2, export) with
+trainer/configs/demo-realesrgan.yaml, then the teacher and student are written in fp16 to
+assets/weights/. `--config trainer/configs/demo.yaml` trains the earlier stand-ins instead (no
+prior: the teacher learns the photos from scratch), kept for comparison. Every step is a separate
 command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint).
 `--name repro --weights runs/repro-weights` retrains into other folders and then prints how far each
-retrained tensor file is from the bundled one (on this CPU they came out bitwise identical at commit e5f4ede).
+retrained tensor file is from the bundled one.
 `scripts/report_demo_weights.py` then measures them and writes the model cards.
 """
 
@@ -24,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from trainer.config import CHAIN  # noqa: E402
 
-CONFIG = "trainer/configs/demo.yaml"
+CONFIG = "trainer/configs/demo-realesrgan.yaml"
 RUNS = ROOT / "runs"
-RUN = RUNS / "demo"
+RUN = RUNS / "demo-realesrgan"  # the config's name: where the bundled weights' run leaves its stages and timings
 PHOTOS = ROOT / "runs" / "photos"
 PAIRS = ROOT / "runs" / "demo-pairs"
 SYNTHETIC = ROOT / "runs" / "demo-synthetic"
@@ -69,7 +70,7 @@ def weight_differences(retrained: Path, bundled: Path = WEIGHTS) -> dict[str, fl
     return differences
 
 
-def steps(name: str = "demo", weights: Path = WEIGHTS, config: str = CONFIG) -> list[tuple[str, list[str] | None]]:
+def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = CONFIG) -> list[tuple[str, list[str] | None]]:
     from trainer.config import load_config
 
     py, trainer = [sys.executable], [sys.executable, "-m", "trainer"]

