@@ -10,6 +10,7 @@ CPU latency (fp32 and bf16) of teacher and student from one `bench --scale loade
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from scripts.train_demo_weights import (  # noqa: E402
 )
 from tinysr.bench import format_table, run_benchmark  # noqa: E402
 from tinysr.evaluate import evaluate_folders, pair_files, quality_table, read_rgb, upscale_folder  # noqa: E402
+from tinysr.imageio import list_images  # noqa: E402
 from tinysr.metrics import METRICS, MetricSuite, lattice_score, missing_files  # noqa: E402
 from tinysr.pipelines import load_pipeline  # noqa: E402
 
@@ -57,7 +59,19 @@ def st_lpips(pred_dir: Path, gt_dir: Path, net: str = "alex") -> float:
     return sum(values) / len(values)
 
 
-def measure(sets: list[str], models: list[str]) -> dict:
+def first_images(lr: Path, count: int, folder: Path) -> Path:
+    """`folder` holding links to the first `count` inputs of `lr` (sorted by name); all of them when count is 0."""
+    files = list_images([lr])
+    if not count or count >= len(files):
+        return lr
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for f in files[:count]:
+        (folder / f.name).symlink_to(f.resolve())
+    return folder
+
+
+def measure(sets: list[str], models: list[str], first: int = 0) -> dict:
     extra = [m for m in ("lpips", "dists", "musiq", "maniqa", "clipiqa") if not missing_files(METRICS[m])]
     suite = MetricSuite(["psnr", "ssim", "niqe", *extra], device="cpu")
     results = {}
@@ -66,10 +80,12 @@ def measure(sets: list[str], models: list[str]) -> dict:
         if not lr.is_dir():
             print(f"skipping {set_name}: {lr} not found")
             continue
+        lr = first_images(lr, first, OUT / set_name / "lr")
         for model in models:
             pred = OUT / set_name / model
             print(f"== {set_name} / {model}", flush=True)
             pipe = load_pipeline(model, device="cpu")
+            shutil.rmtree(pred, ignore_errors=True)
             timing = upscale_folder(pipe, lr, pred, progress=False)
             scores = evaluate_folders(pred, gt, progress=False, suite=suite)["average"]
             scores["st_lpips"] = st_lpips(pred, gt)
@@ -77,13 +93,19 @@ def measure(sets: list[str], models: list[str]) -> dict:
             outputs = [read_rgb(p)[0] for _, p, _ in pair_files(pred, gt)]
             scores["lattice"] = sum(map(lattice_score, outputs)) / len(outputs)
             scores["s_per_image"] = timing["wall_s"] / timing["images"]
+            scores["images"] = timing["images"]
             results.setdefault(set_name, {})[model] = scores
             print(json.dumps(scores), flush=True)
     return results
 
 
 def metrics_table(results: dict) -> str:
-    return quality_table(results, MODELS, {name: len(list(SETS[name][0].iterdir())) for name in results})
+    counts = {}
+    for name, rows in results.items():
+        total = len(list_images([SETS[name][0]]))
+        used = next(iter(rows.values())).get("images", total)
+        counts[name] = f"{used} images" if used == total else f"the first {used} of {total} images by name"
+    return quality_table(results, MODELS, counts)
 
 
 # How these weights were made, until one uninterrupted run of the script has reproduced them.
@@ -171,6 +193,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default=",".join(SETS))
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--first", type=int, default=0, help="only the first N inputs of each set (by name); 0: all")
     parser.add_argument("--run", type=Path, default=RUN, help="the training run whose timings.json the cards report")
     parser.add_argument("--no-bench", dest="bench", action="store_false", help=f"reuse {BENCH_JSON.name} (a quiet CPU measured it)")
     args = parser.parse_args()
@@ -178,7 +201,7 @@ def main() -> int:
     start = time.perf_counter()
     results_path = OUT / "metrics.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for set_name, rows in measure(args.sets.split(","), args.models.split(",")).items():
+    for set_name, rows in measure(args.sets.split(","), args.models.split(","), args.first).items():
         results.setdefault(set_name, {}).update(rows)
     OUT.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2) + "\n")

@@ -17,9 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-import app
 from tinysr import TinySRPipeline, TSDSRPipeline
+from tinysr.errors import TinySRError
 from trainer.launch import LaunchError, LaunchRequest
+from webapp import about, common, paths, training, upscale
 
 from .conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
 
@@ -44,59 +45,59 @@ def models(tmp_path_factory):
 def env_models(models, monkeypatch):
     monkeypatch.setenv("TINYSR_MODEL", str(models / "tinysr"))
     monkeypatch.setenv("TSDSR_MODEL", str(models / "tsdsr"))
-    app.get_pipeline.cache_clear()
+    common.get_pipeline.cache_clear()
     yield
-    app.get_pipeline.cache_clear()
+    common.get_pipeline.cache_clear()
 
 
 def test_compare_reports_latency_memory_params_and_scores(env_models, tmp_path):
     path = save_rgb(tmp_path / "in.png", 32, 48)
     gt = save_rgb(tmp_path / "gt.png", 128, 192, seed=1)
-    (left, right), rep_l, rep_r, file_l, file_r, images = app.compare(path, "tinysr", "tsdsr", gt_path=gt)
+    (left, right), rep_l, rep_r, file_l, file_r, images = upscale.compare(path, "tinysr", "tsdsr", gt_path=gt)
     assert left.size == right.size == (192, 128)
     for report in (rep_l, rep_r):
         assert "Latency" in report and "Peak memory" in report and "Parameters" in report
         assert "| NIQE |" in report and "| PSNR |" in report and "| SSIM |" in report
-    assert "(" + str(Path(os.environ["TINYSR_MODEL"])) in app.model_label("tinysr")
+    assert "(" + str(Path(os.environ["TINYSR_MODEL"])) in common.model_label("tinysr")
     assert Image.open(file_l).size == (192, 128) and Image.open(file_r).size == (192, 128)
-    assert app.change_view(images, "bicubic | right")[0].size == (192, 128)
+    assert upscale.change_view(images, "bicubic | right")[0].size == (192, 128)
     with pytest.raises(gr.Error, match="must be 192x128"):
-        app.compare(path, "tinysr", "bicubic", gt_path=save_rgb(tmp_path / "bad_gt.png", 10, 10))
+        upscale.compare(path, "tinysr", "bicubic", gt_path=save_rgb(tmp_path / "bad_gt.png", 10, 10))
 
 
 def test_official_recipe_from_the_advanced_options(env_models, tmp_path):
     path = save_rgb(tmp_path / "in.png", 32, 40)
-    (left, right), rep_l, rep_r, *_ = app.compare(path, "tinysr", "bicubic", tile=32, recipe="official")
+    (left, right), rep_l, rep_r, *_ = upscale.compare(path, "tinysr", "bicubic", tile=32, recipe="official")
     assert left.size == right.size == (160, 128)
     assert "Recipe**: official" in rep_l and "Recipe" not in rep_r  # bicubic has one recipe
-    default = app.compare(path, "tinysr", "bicubic", tile=32)[0][0]
+    default = upscale.compare(path, "tinysr", "bicubic", tile=32)[0][0]
     assert not np.array_equal(np.asarray(left), np.asarray(default))
     with pytest.raises(gr.Error, match="position table"):
-        app.compare(path, "tinysr", "bicubic", tile=128, recipe="official")
+        upscale.compare(path, "tinysr", "bicubic", tile=128, recipe="official")
 
 
 def test_missing_weights_are_a_notice_and_bad_uploads_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TINYSR_MODEL", str(tmp_path / "absent"))
-    app.get_pipeline.cache_clear()
+    common.get_pipeline.cache_clear()
     path = save_rgb(tmp_path / "in.png", 8, 8)
-    (left, right), rep_l, rep_r, file_l, _, _ = app.compare(path, "tinysr", "bicubic")
+    (left, right), rep_l, rep_r, file_l, _, _ = upscale.compare(path, "tinysr", "bicubic")
     assert left is None and file_l is None and "weights missing" in rep_l and "absent" in rep_l
     assert right.size == (32, 32) and "NIQE unavailable: failed on this image" in rep_r  # NIQE needs >= 96 px
     (tmp_path / "bad.png").write_text("nope")
     with pytest.raises(gr.Error, match="not an image"):
-        app.compare(str(tmp_path / "bad.png"), "bicubic", "bicubic")
+        upscale.compare(str(tmp_path / "bad.png"), "bicubic", "bicubic")
     with pytest.raises(gr.Error, match="Upload an image"):
-        app.compare(None, "bicubic", "bicubic")
+        upscale.compare(None, "bicubic", "bicubic")
 
 
 def test_degrade_and_restore_scores_against_the_clean_crop(env_models, tmp_path):
     path = save_rgb(tmp_path / "clean.png", 100, 140)
-    clean, lq, (a, b), table = app.degrade_and_restore(path, 3, 1.0, "tinysr", "bicubic")
+    clean, lq, (a, b), table = upscale.degrade_and_restore(path, 3, 1.0, "tinysr", "bicubic")
     assert clean.size == (140, 100) and lq.size == (35, 25) and a.size == b.size == (140, 100)
     assert list(table["model"]) == ["Bicubic", "TinySR"] and {"psnr", "ssim", "niqe"} <= set(table.columns)
-    again = app.degrade_and_restore(path, 3, 1.0, "tinysr", "bicubic")[1]
+    again = upscale.degrade_and_restore(path, 3, 1.0, "tinysr", "bicubic")[1]
     assert np.array_equal(np.asarray(again), np.asarray(lq))  # the seed fixes the degradation
-    stronger = app.degrade_and_restore(path, 3, 2.0, "bicubic", "bicubic")[3]
+    stronger = upscale.degrade_and_restore(path, 3, 2.0, "bicubic", "bicubic")[3]
     assert stronger["psnr"][0] < table["psnr"][0]
 
 
@@ -117,6 +118,108 @@ def test_launch_requests_are_validated(tmp_path):
             bad.validate()
 
 
+def test_launch_preflight_says_what_to_run_first(tmp_path, monkeypatch):
+    import trainer.launch
+
+    pairs = tmp_path / "pairs"
+    for sub in ("gt", "lq"):
+        (pairs / sub).mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "c.yaml").write_text(yaml.safe_dump({"teacher": "tsdsr", "data": {"pairs": str(tmp_path / "absent")}, "stages": {
+        "vae-encoder": {}, "distill-1": {}}}))
+    monkeypatch.setattr(trainer.launch, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setattr(trainer.launch, "RUNS", tmp_path / "runs")
+    with pytest.raises(LaunchError, match="has no gt/ and lq/ folders; make them with `python -m tinysr degrade`"):
+        LaunchRequest("vae-encoder", "c.yaml", "r").preflight()
+    LaunchRequest("vae-encoder", "c.yaml", "r", pairs=str(pairs)).preflight()
+    with pytest.raises(LaunchError, match=r"distill-1 reads the output of prune-export, vae-decoder .* run `python -m trainer prune-export"):
+        LaunchRequest("distill-1", "c.yaml", "r", pairs=str(pairs)).preflight()
+
+
+def test_server_folders_only_under_the_allowed_roots(tmp_path, monkeypatch):
+    root, outside = tmp_path / "data", tmp_path / "private"
+    (root / "set").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    monkeypatch.setenv("TINYSR_DATA_ROOTS", str(root))
+    assert paths.allowed_folder(str(root / "set"), "LR folder") == (root / "set").resolve()
+    for text, why in [("/etc", "outside the folders"), (str(outside), "outside the folders"), (str(root / "escape"), "outside the folders"),
+                      (f"{root}/set/../../private", "contains '..'"), (str(root / "absent"), "not a folder"), ("", "give a folder")]:
+        with pytest.raises(TinySRError, match=why):
+            paths.allowed_folder(text, "LR folder")
+
+
+def test_uploads_unpack_within_limits(tmp_path, monkeypatch):
+    import zipfile
+
+    img = save_rgb(tmp_path / "a.png", 16, 16)
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as z:
+        z.write(img, "set/lr/a.png")
+        z.write(img, "set/HR/a.png")
+        z.write(img, "../../evil.png")  # zip-slip: skipped, never written outside
+        z.writestr("notes.txt", "not an image")
+    lr, gt = paths.unpack_upload([str(tmp_path / "set.zip")], tmp_path / "out")
+    assert [p.name for p in lr.iterdir()] == ["a.png"] and [p.name for p in gt.iterdir()] == ["a.png"]
+    assert not list(tmp_path.parent.glob("**/evil.png"))
+    lr, gt = paths.unpack_upload([img], tmp_path / "flat")
+    assert [p.name for p in lr.iterdir()] == ["a.png"] and gt is None
+    (tmp_path / "a.txt").write_text("not an image")
+    with pytest.raises(TinySRError, match="no images"):
+        paths.unpack_upload([str(tmp_path / "a.txt")], tmp_path / "none")
+    monkeypatch.setattr(paths, "UPLOAD_MB", 0.0001)
+    with pytest.raises(TinySRError, match="too large"):
+        paths.unpack_upload([str(tmp_path / "set.zip")], tmp_path / "big")
+
+
+def test_visitors_read_sentences_not_tracebacks():
+    @common.sentences
+    def broken():
+        raise KeyError("columns")
+
+    @common.sentences
+    def greedy():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 6300000000 bytes.")
+
+    with pytest.raises(gr.Error, match="did not foresee .KeyError.*server is still up"):
+        broken()
+    with pytest.raises(gr.Error, match=r"Out of memory: this image does not fit \(one step alone asked for 5.9 GB; the limit here is"):
+        greedy()
+
+
+def test_outputs_folder_keeps_the_newest_files_under_its_cap(tmp_path):
+    now = time.time()
+    for i in range(10):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        f = tmp_path / ("sub" if i % 2 else ".") / f"f{i}.png"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (now - 100 + i, now - 100 + i))
+    (tmp_path / "young.png").write_bytes(b"x" * 5000)
+    common.trim_folder(tmp_path, 8000)
+    left = sorted(p.name for p in tmp_path.rglob("*.png"))
+    assert left == ["f7.png", "f8.png", "f9.png", "young.png"]  # the oldest went first; a file still being sent stays
+
+
+def test_hosted_mode_refuses_training_and_start_waits_for_pairs(tmp_path, monkeypatch):
+    import trainer.launch
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "fresh.yaml").write_text(yaml.safe_dump({"teacher": "tsdsr", "data": {"pairs": str(tmp_path / "absent")}}))
+    for module in (trainer.launch, training):
+        monkeypatch.setattr(module, "CONFIG_DIR", tmp_path / "configs")
+        monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
+    text, start = training.pairs_status("first-run", "fresh.yaml")
+    assert "No training pairs yet" in text and start["interactive"] is False
+    with pytest.raises(gr.Error, match="prepare data first"):
+        training.launch_training("vae-encoder", "fresh.yaml", "first-run", 0, 0, 0, 1, "no")
+    monkeypatch.setattr(training, "TRAINING_ENABLED", False)
+    text, start = training.pairs_status("first-run", "fresh.yaml")
+    assert "disabled on this public server" in text and start["interactive"] is False
+    for call in (lambda: training.launch_training("vae-encoder", "fresh.yaml", "first-run", 0, 0, 0, 1, "no"), training.stop_training,
+                 lambda: training.prepare_data("first-run", "fresh.yaml", training.SOURCES[0], None, "", 1)):
+        with pytest.raises(gr.Error, match="Training is disabled"):
+            call()
+
+
 # ------------------------------------------------------------------------------------ the running app
 
 
@@ -126,31 +229,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    """`python app.py` with tiny models, a tiny training config and its own runs folder."""
-    root = tmp_path_factory.mktemp("app-server")
-    pairs = root / "pairs"
-    for sub in ("gt", "lq"):
-        (pairs / sub).mkdir(parents=True)
-    for i in range(4):
-        save_rgb(pairs / "gt" / f"p{i}.png", 128, 128, seed=i)
-        Image.open(pairs / "gt" / f"p{i}.png").resize((32, 32), Image.BICUBIC).save(pairs / "lq" / f"p{i}.png")
-    (root / "configs").mkdir()
-    config = {
-        "name": "tiny", "teacher": str(models / "tsdsr"), "tiny_vae": {"channels": 8, "blocks_per_stage": 1},
-        "data": {"pairs": str(pairs), "crop": 64},
-        "stages": {"vae-encoder": {"steps": 100000, "batch_size": 2, "lr": 1e-3, "w_mse": 1.0, "log_every": 1}},
-    }
-    (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
+MEMORY_CAP = 12 * 2**30  # the server's address space (ulimit -v): a 4000x1 PNG asked 12.6 GB for its first tensor
+
+
+def cap_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+
+def start_app(root: Path, models: Path, **extra_env) -> dict:
+    """`python app.py` under a memory cap, with tiny models, the configs in root/configs and its own runs and outputs."""
     port = free_port()
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False",
         "TINYSR_MODEL": str(models / "tinysr"), "TSDSR_MODEL": str(models / "tsdsr"), "TINYSR_MAX_PIXELS": str(200 * 200),
-        "TINYSR_CONFIG_DIR": str(root / "configs"), "TINYSR_RUNS_DIR": str(root / "runs"),
+        "TINYSR_CONFIG_DIR": str(root / "configs"), "TINYSR_RUNS_DIR": str(root / "runs"), "TINYSR_DATA_ROOTS": str(root),
+        "TINYSR_OUTPUTS_DIR": str(root / "outputs"), "TINYSR_OUTPUTS_MB": "2", **extra_env,
     }
     log = open(root / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=cap_memory)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 180
     while time.time() < deadline:
@@ -163,10 +261,51 @@ def server(models, tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("app did not start in 180 s:\n" + (root / "app.log").read_text())
-    yield {"url": url, "root": root, "proc": proc}
-    proc.terminate()
-    proc.wait(20)
-    log.close()
+    return {"url": url, "root": root, "proc": proc, "log": log}
+
+
+def stop_app(server: dict) -> None:
+    server["proc"].terminate()
+    server["proc"].wait(20)
+    server["log"].close()
+
+
+@pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    """The app with a tiny training config (every chain stage; vae-encoder long enough to watch and stop)."""
+    root = tmp_path_factory.mktemp("app-server")
+    pairs = root / "pairs"
+    for sub in ("gt", "lq"):
+        (pairs / sub).mkdir(parents=True)
+    for i in range(4):
+        save_rgb(pairs / "gt" / f"p{i}.png", 128, 128, seed=i)
+        Image.open(pairs / "gt" / f"p{i}.png").resize((32, 32), Image.BICUBIC).save(pairs / "lq" / f"p{i}.png")
+    (root / "configs").mkdir()
+    small = {"batch_size": 2, "lora_rank": 4, "log_every": 1, "lr": 1e-3}
+    config = {
+        "name": "tiny", "teacher": str(models / "tsdsr"), "tiny_vae": {"channels": 8, "blocks_per_stage": 1},
+        "data": {"pairs": str(pairs), "crop": 64},
+        "stages": {
+            "vae-encoder": {**small, "steps": 100000, "w_mse": 1.0}, "vae-decoder": {**small, "w_l1": 1.0}, "cache": {"batch_size": 2},
+            "prune-search": {**small, "w_l1": 1.0}, "prune-export": {}, "distill-1": {**small, "w_l1": 1.0},
+            "distill-2": {**small, "w_l1": 1.0}, "export": {},
+        },
+    }
+    (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    app = start_app(root, models)
+    yield app
+    stop_app(app)
+
+
+@pytest.fixture(scope="module")
+def hosted_server(models, tmp_path_factory):
+    """The app as a public Space would run it (training off)."""
+    root = tmp_path_factory.mktemp("app-hosted")
+    (root / "configs").mkdir()
+    (root / "configs" / "tiny.yaml").write_text(yaml.safe_dump({"teacher": str(models / "tsdsr"), "data": {"pairs": str(root)}}))
+    app = start_app(root, models, TINYSR_PUBLIC="1")
+    yield app
+    stop_app(app)
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +356,124 @@ def test_endpoints_upscale_and_survive_bad_input(client, server, tmp_path):
     assert server["proc"].poll() is None
 
 
+def server_rss(server) -> int:
+    import psutil
+
+    return psutil.Process(server["proc"].pid).memory_info().rss
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_thin_tiny_and_hostile_images_answer_in_seconds(client, server, tmp_path):
+    """Each answers within 20 s with a 4x result or a sentence of ours; the server stays up at its memory."""
+    from gradio_client import handle_file
+
+    before = server_rss(server)
+    for w, h in ((2000, 1), (1, 2000), (1024, 8), (1, 1)):
+        path = tmp_path / f"thin-{w}x{h}.png"
+        Image.new("RGB", (w, h), (120, 80, 40)).save(path)
+        start = time.time()
+        slider, rep_l, rep_r, *_ = client.predict(handle_file(str(path)), "tinysr", "tsdsr", api_name="/compare")
+        took = time.time() - start
+        assert Image.open(slider[0]).size == Image.open(slider[1]).size == (4 * w, 4 * h)
+        assert took < 20, f"{w}x{h}: {took:.1f} s"
+        print(f"{w}x{h}: answered in {took:.1f} s")
+    (tmp_path / "lie.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG signature over nothing
+    with pytest.raises(Exception, match="corrupt or truncated|not an image"):
+        client.predict(handle_file(str(tmp_path / "lie.png")), "tinysr", "tsdsr", api_name="/compare")
+    with pytest.raises(Exception, match="official recipe would process .* the limit is"):
+        client.predict(handle_file(str(tmp_path / "thin-2000x1.png")), "tinysr", "bicubic", "model default", 32, 8, "fp32", None,
+                       "left | right", "official", api_name="/compare")
+    assert server["proc"].poll() is None
+    assert server_rss(server) - before < 300 * 2**20
+
+
+def test_upscale_endpoint_one_image_one_model(client, tmp_path):
+    from gradio_client import handle_file
+
+    path = save_rgb(tmp_path / "in.png", 24, 32)
+    out, report = client.predict(handle_file(path), api_name="/upscale")
+    assert Image.open(out).size == (128, 96) and "TinySR" in report and "Latency" in report
+    out, report = client.predict(handle_file(path), "bicubic", api_name="/upscale")
+    assert Image.open(out).size == (128, 96) and "Bicubic" in report
+    with pytest.raises(Exception, match="Unknown model 'esrgan'"):
+        client.predict(handle_file(path), "esrgan", api_name="/upscale")
+
+
+def test_benchmark_reads_only_allowed_folders_or_an_upload(client, server, tmp_path):
+    import zipfile
+
+    from gradio_client import handle_file
+
+    args = (["bicubic"], ["psnr"], 2)
+    for folder, why in (("/etc", "outside the folders"), (str(server["root"] / ".." / ".."), "contains '..'"), (str(server["root"] / "absent"), "not a folder")):
+        with pytest.raises(Exception, match=why):
+            client.predict(folder, "", *args, None, api_name="/benchmark")
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as z:
+        for name in ("p0.png", "p1.png"):
+            z.write(server["root"] / "pairs" / "lq" / name, f"lr/{name}")
+            z.write(server["root"] / "pairs" / "gt" / name, f"gt/{name}")
+    table, _, summary = client.predict("/etc", "", *args, [handle_file(str(tmp_path / "set.zip"))], api_name="/benchmark")
+    assert "2 images from 2 uploaded images with ground truth" in summary and table["data"][0][0] == "Bicubic"
+
+
+def test_four_clients_four_requests_each_then_a_hundred(client, server, tmp_path):
+    """All answered; the outputs folder stays under its cap (2 MB here) and the server's memory flat."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    path = save_rgb(tmp_path / "in.png", 48, 48)
+
+    def four(i):
+        c = Client(server["url"], verbose=False)
+        return [Image.open(c.predict(handle_file(path), ["tinysr", "bicubic"][i % 2], api_name="/upscale")[0]).size for _ in range(4)]
+
+    with ThreadPoolExecutor(4) as pool:
+        sizes = [s for batch in pool.map(four, range(4)) for s in batch]
+    assert sizes == [(192, 192)] * 16
+    outputs = server["root"] / "outputs"
+    rss = []
+    for i in range(100):
+        client.predict(handle_file(path), "tinysr", api_name="/upscale")
+        if i in (19, 99):
+            rss.append(server_rss(server))
+    time.sleep(2.5)  # files younger than 2 s are never trimmed: a response may still be sending them
+    client.predict(handle_file(path), "tinysr", api_name="/upscale")
+    assert folder_bytes(outputs) < 2 * 2**20 + 2**20, folder_bytes(outputs)
+    assert rss[1] - rss[0] < 100 * 2**20, rss
+
+
+def test_prepare_data_then_the_whole_chain_from_the_tab(client, server):
+    message = client.predict("prep-run", "tiny.yaml", "the example photos", None, "", 2, api_name="/prepare_data")
+    assert "Wrote 8 pairs (64 px ground truth, 16 px input) from 4 photos" in message
+    message = client.predict("all", "tiny.yaml", "prep-run", 2, 0, 0, 1, "no", api_name="/train_start")
+    assert "trainer all" in message and "prep-run/pairs" in message
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status, *_ = client.predict(api_name="/train_status")
+        if "running" not in status:
+            break
+        time.sleep(3)
+    run = server["root"] / "runs" / "prep-run"
+    assert "finished" in status, status + (run / "console.log").read_text()[-3000:]
+    assert (run / "export" / "model_index.json").is_file()
+    assert TinySRPipeline.from_pretrained(run / "export")(random_image(16, 16)).image.shape == (3, 64, 64)
+
+
+def test_hosted_mode_refuses_training(hosted_server):
+    from gradio_client import Client
+
+    c = Client(hosted_server["url"], verbose=False)
+    with pytest.raises(Exception, match="Training is disabled"):
+        c.predict("vae-encoder", "tiny.yaml", "visitor", 0, 0, 0, 1, "no", api_name="/train_start")
+    with pytest.raises(Exception, match="Training is disabled"):
+        c.predict("visitor", "tiny.yaml", "the example photos", None, "", 1, api_name="/prepare_data")
+    assert not (hosted_server["root"] / "runs").exists()
+
+
 def test_training_endpoints_launch_refuse_a_second_job_and_stop(client, server):
     message = client.predict("vae-encoder", "tiny.yaml", "api-run", 0, 0, 0, 1, "no", api_name="/train_start")
     assert "trainer vae-encoder" in message
@@ -240,7 +497,7 @@ def test_training_endpoints_launch_refuse_a_second_job_and_stop(client, server):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed (.ci/run installs it)")
-def test_browser_upload_compare_and_train(server, tmp_path):
+def test_browser_upload_compare_prepare_and_train(server, hosted_server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -263,6 +520,11 @@ def test_browser_upload_compare_and_train(server, tmp_path):
 
         page.get_by_role("tab", name="Training").click()
         page.get_by_label("Run name").fill("browser-run")
+        page.get_by_label("Random crops per photo").fill("1")
+        page.get_by_role("button", name="Prepare data").click()
+        expect(page.locator("#prepare-message")).to_contain_text("Wrote 4 pairs", timeout=60_000)
+        expect(page.locator("#train-pairs")).to_contain_text("4 training pairs")
+        expect(page.get_by_role("button", name="Start")).to_be_enabled()
         page.get_by_role("button", name="Start").click()
         expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
         expect(page.locator("#train-status")).to_contain_text(re.compile(r"step [1-9]\d* of 100000"), timeout=180_000)
@@ -288,6 +550,14 @@ def test_browser_upload_compare_and_train(server, tmp_path):
         page.get_by_role("tab", name="About").click()
         expect(page.locator("#about")).to_contain_text("Efficiency")
         page.screenshot(path=str(ARTIFACTS / "app_about.png"), full_page=True)
+
+        hosted = browser.new_page(viewport={"width": 1400, "height": 1200})
+        hosted.goto(hosted_server["url"])
+        hosted.get_by_role("tab", name="Training").click()
+        expect(hosted.locator("#train-disabled")).to_contain_text("Training is disabled on this public server")
+        expect(hosted.get_by_role("button", name="Start")).to_be_disabled()
+        expect(hosted.get_by_role("button", name="Prepare data")).to_be_disabled()
+        hosted.screenshot(path=str(ARTIFACTS / "app_hosted_training.png"), full_page=True)
         browser.close()
     assert server["proc"].poll() is None
 
@@ -300,7 +570,7 @@ def test_about_shows_the_pruning_decision_of_the_model_in_use(tmp_path, monkeypa
     sampler = BlockMaskSampler(8, 4, 2, couple_pairs=True)
     (tmp_path / "pruning.json").write_text(json.dumps(sampler.decision()))
     monkeypatch.setenv("TINYSR_MODEL", str(tmp_path))
-    text = app.about_markdown()
+    text = about.about_markdown()
     assert "4 of 8 teacher blocks kept" in text
     assert "| group 0 | ■ ■ □ □ | 0, 1 |" in text and "| group 1 | ■ ■ □ □ | 4, 5 |" in text  # zero logits: first candidates
     assert "bench-paper-h200.json" in text and "TSD-SR / TinySR" in text
@@ -312,9 +582,9 @@ def test_about_and_benchmark_show_what_the_bundled_weights_scored(tmp_path, monk
     metrics = {"synthetic": {"bicubic": {"psnr": 21.919, "ssim": 0.5591, "niqe": 9.97, "st_lpips": 0.5471},
                              "tinysr": {"psnr": 21.5, "ssim": 0.56, "niqe": 8.0, "st_lpips": 0.4987, "st_lpips_vgg": 0.4123, "lattice": 1.234}}}
     (tmp_path / "demo_metrics.json").write_text(json.dumps({"metrics": metrics}))
-    monkeypatch.setattr(app, "DEMO_METRICS", tmp_path / "demo_metrics.json")
-    text = app.about_markdown()
+    monkeypatch.setattr(about, "DEMO_METRICS", tmp_path / "demo_metrics.json")
+    text = about.about_markdown()
     assert "| Bicubic | 21.92 | 0.5591 | 0.5471 | - | 9.970 | - |" in text
     assert "| TinySR (demo scale, bundled) | 21.50 | 0.5600 | 0.4987 | 0.4123 | 8.000 | 1.23 |" in text
-    monkeypatch.setattr(app, "DEMO_METRICS", tmp_path / "absent.json")
-    assert "absent.json is missing" in app.demo_quality_markdown()
+    monkeypatch.setattr(about, "DEMO_METRICS", tmp_path / "absent.json")
+    assert "absent.json is missing" in about.demo_quality_markdown()

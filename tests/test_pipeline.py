@@ -23,6 +23,9 @@ def test_output_is_exactly_4x_any_size(tiny_pipeline, h, w):
 def test_short_side_rule_and_padding():
     assert processing_size(64, 200) == (512, 1600)
     assert processing_size(128, 130) == (512, 520)
+    assert processing_size(1, 1) == (512, 512)
+    assert processing_size(1, 2000) == (4, 8000) and processing_size(8, 1024) == (32, 4096)  # padded, not stretched
+    assert processing_size(20, 400) == (204, 4096)  # enlarged only up to a 1024 px long side
     x = torch.rand(1, 3, 50, 70)
     padded = pad_to_multiple(x, 16)
     assert padded.shape[-2:] == (64, 80)

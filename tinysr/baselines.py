@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .color import COLOR_FIXES, apply_color_fix
-from .device import dtype_name, parse_dtype, pick_device, timed
+from .device import dtype_name, out_of_memory_as_error, parse_dtype, pick_device, timed
 from .errors import MissingWeightsError, NumericalError, WrongModelError
 from .imageio import as_loaded_image
 from .pipelines.base import SCALE, SRResult
@@ -99,7 +99,8 @@ class BaselineUpscaler:
         timings: dict = {}
         start = time.perf_counter()
         rgb = loaded.rgb[None].float()
-        y = self.upscale(rgb, tile_size, tile_overlap, loaded.bit_depth, timings)
+        with out_of_memory_as_error(self.device):
+            y = self.upscale(rgb, tile_size, tile_overlap, loaded.bit_depth, timings)
         if not torch.isfinite(y).all():
             raise NumericalError(f"{self.name} produced NaN/inf in {dtype_name(self.dtype)}")
         y = y.clamp(0, 1)

@@ -1,9 +1,12 @@
 """Device and precision choices shared by pipelines, CLI and benchmark."""
 
+import re
 import time
 from contextlib import contextmanager
 
 import torch
+
+from .errors import OutOfMemory
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -106,3 +109,59 @@ class PeakMemory:
             self._thread.join()
             self.peak_bytes = self._peak - self._base
         return False
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def memory_limit_bytes(device: torch.device) -> int:
+    """What this process may use: the GPU's memory, else the smaller of RAM and the address-space limit (ulimit -v)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    import psutil
+
+    limit = psutil.virtual_memory().total
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)
+    except ImportError:  # Windows
+        pass
+    return limit
+
+
+def out_of_memory_message(e: BaseException, device: torch.device | str, what: str = "this image") -> str:
+    """A sentence for an allocation failure: how much one allocation asked for and what the limit is."""
+    device = torch.device(device)
+    text = str(e)
+    asked = None
+    if m := re.search(r"allocate ([\d.]+) bytes", text):
+        asked = float(m.group(1))
+    elif m := re.search(r"allocate ([\d.]+) ([KMGT])iB", text):
+        asked = float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024
+    need = f"one step alone asked for {asked / 2**30:.1f} GB" if asked else "it needs more than is free"
+    where = "GPU memory" if device.type == "cuda" else "memory"
+    return (f"Out of {where}: {what} does not fit ({need}; the limit here is {memory_limit_bytes(device) / 2**30:.1f} GB). "
+            "Try a smaller image or smaller tiles.")
+
+
+@contextmanager
+def out_of_memory_as_error(device: torch.device, what: str = "this image"):
+    """Re-raise an allocation failure inside the block as OutOfMemory with a sentence (the caller lives on)."""
+    message = None
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        message = out_of_memory_message(e, device, what)
+    if message is None:
+        return
+    # raised outside the handler, so the failed step's frames and the tensors they hold are already released
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    raise OutOfMemory(message)

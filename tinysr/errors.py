@@ -13,6 +13,10 @@ class NumericalError(TinySRError, ArithmeticError):
     """The model produced NaN/inf or a flat image even in the fallback precision."""
 
 
+class OutOfMemory(TinySRError, MemoryError):
+    """The work did not fit in the memory this process may use (RAM limit, free RAM, GPU memory)."""
+
+
 class WrongModelError(TinySRError, ValueError):
     """A weight folder that holds something other than what was asked for."""
 

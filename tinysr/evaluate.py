@@ -97,12 +97,12 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def quality_table(metrics: dict[str, dict[str, dict]], labels: dict[str, str] | None = None, counts: dict[str, int] | None = None) -> str:
+def quality_table(metrics: dict[str, dict[str, dict]], labels: dict[str, str] | None = None, counts: dict[str, str] | None = None) -> str:
     """Markdown, one table per test set, of `{set: {model: scores}}` as the demo-weights report writes it."""
     labels, counts = labels or {}, counts or {}
     lines = []
     for set_name, rows in metrics.items():
-        size = f" ({counts[set_name]} images, 4x)" if set_name in counts else ""
+        size = f" ({counts[set_name]}, 4x)" if set_name in counts else ""
         lines += [f"\n**{set_name}**{size}\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|---|"]
         for model, s in rows.items():
             lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"

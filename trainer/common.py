@@ -11,9 +11,7 @@ from tinysr.latent_cache import INDEX, LatentCacheDataset, paired_images
 from tinysr.models import TinyAutoencoder
 from tinysr.pipelines.base import vae_encode
 
-from .run import stage_dir
-
-FINAL = "final"
+from .config import final_dir, stage_dir
 
 
 class PairDataset(Dataset):
@@ -53,10 +51,6 @@ def stage_pairs(cfg, s, prior: bool = False) -> PairDataset:
     """The pairs at the stage's crop size (`stages.X.crop`, else `data.crop`), with the demo prior's restorations if asked."""
     prior_dir = require(final_dir(cfg, "demo-prior"), "demo-prior") if prior else None
     return PairDataset(cfg.data.pairs, s.crop or cfg.data.crop, prior_dir=prior_dir)
-
-
-def final_dir(cfg, stage: str) -> Path:
-    return stage_dir(cfg, stage) / FINAL
 
 
 def require(path: Path, made_by: str) -> Path:

@@ -20,6 +20,42 @@ STAGES = (
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
 
 
+FINAL = "final"
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    return Path(cfg.output_dir) / cfg.name / stage
+
+
+def final_dir(cfg, stage: str) -> Path:
+    return stage_dir(cfg, stage) / FINAL
+
+
+def upstream_stages(cfg, stage: str) -> list[str]:
+    """The earlier stages whose final output `stage` reads (the chain's order: CHAIN)."""
+    decoder = ["vae-decoder"]
+    return {
+        "vae-decoder": ["vae-encoder"],
+        "prune-search": decoder,
+        "prune-tinyfusion": decoder,
+        "prune-export": ["prune-search"],
+        "distill-1": ["prune-export", *decoder],
+        "distill-2": ["prune-export", "distill-1", *decoder],
+        "export": ["distill-2", *decoder],
+        "demo-teacher": ["demo-base-vae"] + (["demo-prior"] if cfg.standins.target == "realesrgan" else []),
+    }.get(stage, [])
+
+
+def missing_upstream(cfg, stages: list[str]) -> list[str]:
+    """Stages that must run before `stages` can: read by one of them, neither finished nor among them."""
+    missing = []
+    for i, stage in enumerate(stages):
+        for need in upstream_stages(cfg, stage):
+            if need not in stages[:i] and need not in missing and not final_dir(cfg, need).is_dir():
+                missing.append(need)
+    return missing
+
+
 SCHEDULERS = tuple(t.value for t in SchedulerType if t != SchedulerType.PIECEWISE_CONSTANT)  # that one needs step rules
 
 
@@ -209,5 +245,11 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
         raise ConfigError("data.pairs is required: a folder with gt/ and lq/ made by `python -m tinysr degrade`") from None
     if not (pairs / "gt").is_dir() or not (pairs / "lq").is_dir():
         raise ConfigError(f"data.pairs={pairs} has no gt/ and lq/ folders; make them with `python -m tinysr degrade`")
+    missing = missing_upstream(cfg, stages)
+    if missing:
+        raise ConfigError(
+            f"{stages[0]} reads the output of {', '.join(missing)} ({final_dir(cfg, missing[0])} is missing): "
+            f"run `python -m trainer {missing[0]} --config ...` with the same name ({cfg.name}) first, or stage all"
+        )
     if cfg.data.crop % 32:
         raise ConfigError(f"data.crop must be a multiple of 32, got {cfg.data.crop}")

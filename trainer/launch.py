@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CHAIN, STAGES
+from .config import CHAIN, STAGES, ConfigError, check, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("TINYSR_CONFIG_DIR", ROOT / "trainer" / "configs"))
@@ -42,6 +42,7 @@ class LaunchRequest:
     lr: float = 0.0
     num_processes: int = 1
     mixed_precision: str = "no"
+    pairs: str = ""  # a pairs folder under the runs folder (the app's prepared data); empty: the config's data.pairs
 
     def stages(self) -> list[str]:
         return list(CHAIN) if self.stage == "all" else [self.stage]
@@ -62,19 +63,31 @@ class LaunchRequest:
             raise LaunchError(f"learning rate must be in [0, 1], got {self.lr}")
         if self.mixed_precision not in PRECISIONS:
             raise LaunchError(f"mixed precision must be one of {', '.join(PRECISIONS)}")
+        if self.pairs and not Path(self.pairs).resolve().is_relative_to(RUNS.resolve()):
+            raise LaunchError(f"prepared pairs must lie under the runs folder {RUNS}, not {self.pairs}")
 
-    def command(self, use_cpu: bool) -> list[str]:
-        overrides = [f"name={self.name}", f"output_dir={RUNS}"]
+    def overrides(self) -> list[str]:
+        items = [f"name={self.name}", f"output_dir={RUNS}"] + ([f"data.pairs={self.pairs}"] if self.pairs else [])
         for stage in self.stages():
             for key, value in (("steps", self.steps), ("batch_size", self.batch_size), ("lr", self.lr)):
                 if value:
-                    overrides.append(f"stages.{stage}.{key}={value}")
+                    items.append(f"stages.{stage}.{key}={value}")
+        return items
+
+    def preflight(self) -> None:
+        """The trainer's own config checks, here and now: missing pairs or earlier stages are a sentence, not a dead job."""
+        try:
+            check(load_config(CONFIG_DIR / self.config, self.overrides()), self.stages())
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
+
+    def command(self, use_cpu: bool) -> list[str]:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(int(self.num_processes))]
         launcher += ["--num_machines", "1", "--mixed_precision", self.mixed_precision, "--dynamo_backend", "no"]
         if use_cpu:
             launcher.append("--cpu")
         config = ["--config", str(CONFIG_DIR / self.config), f'mixed_precision="{self.mixed_precision}"']  # quoted: YAML reads a bare no as false
-        return [*launcher, "-m", "trainer", self.stage, *config, *overrides]
+        return [*launcher, "-m", "trainer", self.stage, *config, *self.overrides()]
 
 
 class TrainingJob:
@@ -93,6 +106,7 @@ class TrainingJob:
 
     def start(self, request: LaunchRequest, use_cpu: bool | None = None) -> list[str]:
         request.validate()
+        request.preflight()
         if use_cpu is None:
             import torch
 

@@ -28,11 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 
+from .config import stage_dir
+
 CHECKPOINTS = "checkpoints"
-
-
-def stage_dir(cfg, stage: str) -> Path:
-    return Path(cfg.output_dir) / cfg.name / stage
 
 
 class TrainingRun:

@@ -17,9 +17,9 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from ..color import COLOR_FIXES, apply_color_fix
-from ..device import dtype_name, fallback_dtype, parse_dtype, pick_device, timed
-from ..errors import NumericalError
-from ..imageio import as_loaded_image, to_pil
+from ..device import dtype_name, fallback_dtype, out_of_memory_as_error, parse_dtype, pick_device, timed
+from ..errors import ImageError, NumericalError
+from ..imageio import DEFAULT_MAX_PIXELS, as_loaded_image, to_pil
 from ..official import (
     PROCESS_SIZE, RECIPES, UPSCALE, official_color_fix, official_lr, official_sizes, official_tiled_predict, quantize_like_script,
 )
@@ -27,6 +27,7 @@ from ..tiling import tiled_map
 
 SCALE = UPSCALE
 MIN_INPUT_SIDE = PROCESS_SIZE // UPSCALE  # shorter inputs are enlarged first so the processed short side reaches 512
+MAX_ENLARGED_SIDE = 8 * MIN_INPUT_SIDE  # but never stretched beyond this long side: thin inputs are padded instead
 TIMESTEP = 1000.0
 
 
@@ -67,10 +68,24 @@ def vae_downscale(vae) -> int:
 
 
 def processing_size(height: int, width: int) -> tuple[int, int]:
-    """Bicubic target: x4, after enlarging inputs whose short side is under 128."""
-    short = min(height, width)
-    s = MIN_INPUT_SIDE / short if short < MIN_INPUT_SIDE else 1.0
+    """Bicubic target: x4, after enlarging inputs whose short side is under 128 towards 128, as far as a
+    1024 px long side allows (a 2000x1 strip is not stretched to 256000x128; padding fills its short side)."""
+    short, long = min(height, width), max(height, width)
+    s = min(MIN_INPUT_SIDE / short, max(MAX_ENLARGED_SIDE / long, 1.0)) if short < MIN_INPUT_SIDE else 1.0
     return round(height * s) * SCALE, round(width * s) * SCALE
+
+
+def check_processed_size(loaded, recipe: str, max_pixels: int) -> None:
+    """Refuse, before allocating, work beyond what the largest accepted input costs (its 4x output)."""
+    h, w = loaded.rgb.shape[-2:]
+    ph, pw = official_sizes(w, h)[:2] if recipe == "official" else processing_size(h, w)
+    limit = max(max_pixels * SCALE * SCALE, PROCESS_SIZE * MAX_ENLARGED_SIDE * SCALE)
+    if ph * pw > limit:
+        hint = " (it enlarges the short side to 128 px first); the default recipe pads thin images instead" if recipe == "official" else ""
+        raise ImageError(
+            f"this {w}x{h} image would be processed at {pw}x{ph} = {ph * pw / 1e6:.0f} MP by the {recipe} recipe{hint}; "
+            f"the limit is {limit / 1e6:.1f} MP"
+        )
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -233,21 +248,23 @@ class OneStepSRPipeline:
         if vae_tile_size is not None and (vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size):
             raise ValueError("need vae_tile_size >= 4 and 0 <= vae_tile_overlap < vae_tile_size")
         loaded = as_loaded_image(image, max_pixels)
+        check_processed_size(loaded, recipe, max_pixels or DEFAULT_MAX_PIXELS)
         timings: dict = {}
         start = time.perf_counter()
         prepare, finish = (self._official_input, self._official_output) if recipe == "official" else (self._input, self._output)
-        with timed(timings, "preprocess", self.device):
-            x, context = prepare(loaded)
-        args = (recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings)
-        y = self._run(x, *args)
-        if self.dtype == torch.float16 and self._fp16_failed(y, x):
-            retry = fallback_dtype(self.device)
-            warnings.warn(f"fp16 overflowed (NaN/inf or black output); switching to {dtype_name(retry)}", stacklevel=2)
-            self.to(dtype=retry)
-            for stage in ("encode", "transformer", "decode"):
-                timings.pop(stage)
-            x, context = prepare(loaded)
+        with out_of_memory_as_error(self.device):
+            with timed(timings, "preprocess", self.device):
+                x, context = prepare(loaded)
+            args = (recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings)
             y = self._run(x, *args)
+            if self.dtype == torch.float16 and self._fp16_failed(y, x):
+                retry = fallback_dtype(self.device)
+                warnings.warn(f"fp16 overflowed (NaN/inf or black output); switching to {dtype_name(retry)}", stacklevel=2)
+                self.to(dtype=retry)
+                for stage in ("encode", "transformer", "decode"):
+                    timings.pop(stage)
+                x, context = prepare(loaded)
+                y = self._run(x, *args)
         if not torch.isfinite(y).all():
             raise NumericalError(f"the model produced NaN/inf in {dtype_name(self.dtype)}; check the weights")
         with timed(timings, "postprocess", self.device):

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
 
-from ..common import FINAL, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
+from ..common import TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
+from ..config import FINAL
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 

@@ -24,7 +24,8 @@ from tinysr.convert import tinysr_transformer_from_sd3
 from tinysr.device import pick_device
 from tinysr.pipelines.base import TIMESTEP, vae_encode
 
-from ..common import FINAL, TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
+from ..common import TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
+from ..config import FINAL
 from ..losses import perceptual_loss
 from ..run import TrainingRun, stage_dir
 

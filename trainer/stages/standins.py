@@ -33,7 +33,8 @@ from tinysr.pipelines.base import vae_decode, vae_encode
 from tinysr.pipelines.tsdsr import TEACHER_VAES
 from tinysr.weights import load_component
 
-from ..common import FINAL, final_dir, require, stage_pairs
+from ..common import final_dir, require, stage_pairs
+from ..config import FINAL
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun, stage_dir
 

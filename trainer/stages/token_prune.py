@@ -13,7 +13,8 @@ import torch
 from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import vae_encode
 
-from ..common import FINAL, load_teacher, stage_pairs
+from ..common import load_teacher, stage_pairs
+from ..config import FINAL
 from ..run import stage_dir
 
 

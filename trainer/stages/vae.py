@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from tinysr.pipelines.base import vae_encode
 
-from ..common import FINAL, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, stage_pairs
+from ..common import load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, stage_pairs
+from ..config import FINAL
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 

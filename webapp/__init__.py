@@ -1,0 +1,1 @@
+"""The Gradio app's parts, one module per tab plus what they share; `app.py` assembles them."""
