@@ -199,6 +199,18 @@ def test_outputs_folder_keeps_the_newest_files_under_its_cap(tmp_path):
     assert left == ["f7.png", "f8.png", "f9.png", "young.png"]  # the oldest went first; a file still being sent stays
 
 
+def test_login_from_the_environment(monkeypatch):
+    import app
+
+    monkeypatch.delenv("TINYSR_AUTH", raising=False)
+    assert app.auth_pairs() is None
+    monkeypatch.setenv("TINYSR_AUTH", "ana:s3cret:colon,bo:pw")
+    assert app.auth_pairs() == [("ana", "s3cret:colon"), ("bo", "pw")]
+    monkeypatch.setenv("TINYSR_AUTH", "nopassword")
+    with pytest.raises(SystemExit, match="user:password"):
+        app.auth_pairs()
+
+
 def test_hosted_mode_refuses_training_and_start_waits_for_pairs(tmp_path, monkeypatch):
     import trainer.launch
 

@@ -37,18 +37,18 @@ def test_bundled_weights_are_the_defaults_and_restore_a_photo(monkeypatch):
 
 
 def test_app_defaults_to_the_bundled_demo_weights(monkeypatch):
-    import app
+    from webapp import common, upscale
 
     for env in ("TINYSR_MODEL", "TSDSR_MODEL", "TSDSR_LORA_DIR"):
         monkeypatch.delenv(env, raising=False)
-    app.get_pipeline.cache_clear()
+    common.get_pipeline.cache_clear()
     try:
-        assert "demo scale" in app.model_label("tinysr") and "demo scale" in app.model_label("tsdsr")
-        (left, right), rep_l, rep_r, file_l, file_r, _ = app.compare(str(ROOT / "assets" / "examples" / "copy_centre.png"), "tinysr", "tsdsr")
+        assert "demo scale" in common.model_label("tinysr") and "demo scale" in common.model_label("tsdsr")
+        (left, right), rep_l, rep_r, file_l, file_r, _ = upscale.compare(str(ROOT / "assets" / "examples" / "copy_centre.png"), "tinysr", "tsdsr")
         assert left.size == right.size == (800, 600)
         assert "Latency" in rep_l and "Latency" in rep_r and file_l and file_r
     finally:
-        app.get_pipeline.cache_clear()
+        common.get_pipeline.cache_clear()
 
 
 def test_retraining_check_reports_how_far_a_retrained_tensor_moved(tmp_path):

@@ -101,6 +101,39 @@ def test_bad_inputs_are_reported_and_the_rest_still_done(tiny_folder, tmp_path):
     assert [p.name for p in out.iterdir()] == ["whole.png"]
 
 
+def test_thin_inputs_are_padded_not_stretched_and_oversized_work_is_refused(tiny_folder, tmp_path):
+    """2000x1 and 1024x8 PNGs of a few bytes: exact 4x outputs in seconds; the official recipe's enlargement
+    (2000x1 -> 1024000x512) is refused before anything is allocated."""
+    d = tmp_path / "thin"
+    d.mkdir()
+    for w, h in ((2000, 1), (1, 2000), (1024, 8)):
+        Image.new("RGB", (w, h), (200, 100, 50)).save(d / f"{w}x{h}.png")
+    r = cli("upscale", d, "-o", tmp_path / "out", "--model", tiny_folder)
+    assert r.returncode == 0, r.stderr
+    assert {p.name: Image.open(p).size for p in (tmp_path / "out").iterdir()} == {"2000x1.png": (8000, 4), "1x2000.png": (4, 8000), "1024x8.png": (4096, 32)}
+    r = cli("upscale", d / "2000x1.png", "-o", tmp_path / "official", "--model", tiny_folder, "--recipe", "official")
+    assert r.returncode == 1 and "would be processed at 1024000x512 = 524 MP by the official recipe" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_out_of_memory_is_a_sentence(tiny_folder, tmp_path):
+    """Under an address-space cap (ulimit -v) a 2500x2500 input's 10000x10000 bicubic image cannot be allocated."""
+    import resource
+
+    probe = "import psutil, torch, tinysr.cli; print(psutil.Process().memory_info().vms)"
+    base = int(subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    cap = base + 1024**3
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    Image.new("RGB", (2500, 2500), (90, 120, 150)).save(tmp_path / "big.png")
+    args = ["-m", "tinysr", "upscale", str(tmp_path / "big.png"), "-o", str(tmp_path / "out"), "--model", str(tiny_folder), "--max-pixels", "10000000"]
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                       timeout=600, preexec_fn=limit)
+    assert r.returncode != 0 and "Out of memory: this image does not fit (one step alone asked for" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 def test_missing_model_and_no_images(tmp_path):
     r = cli("upscale", tmp_path, "-o", tmp_path / "o", "--model", tmp_path / "nope")
     assert r.returncode == 2 and "no images" in r.stderr

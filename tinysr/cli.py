@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .color import COLOR_FIXES
-from .device import DTYPES
+from .device import DTYPES, is_out_of_memory, out_of_memory_message, pick_device
 from .errors import TinySRError
 from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
 from .metrics import DEFAULT_METRICS, METRICS
@@ -84,6 +84,7 @@ def run_upscale(args) -> int:
                 tile_overlap=args.tile_overlap,
                 vae_tile_size=args.vae_tile,
                 vae_tile_overlap=args.vae_tile_overlap,
+                max_pixels=args.max_pixels,
             )
         except (TinySRError, ValueError) as e:
             failures += 1
@@ -280,6 +281,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: {out_of_memory_message(e, pick_device(getattr(args, 'device', None)), 'this run')}", file=sys.stderr)
+        return 2
     if args.command == "upscale":
         print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return code
