@@ -102,7 +102,8 @@ def quality_table(metrics: dict[str, dict[str, dict]], labels: dict[str, str] | 
     labels, counts = labels or {}, counts or {}
     lines = []
     for set_name, rows in metrics.items():
-        size = f" ({counts[set_name]}, 4x)" if set_name in counts else ""
+        used = counts.get(set_name) or (f"{n} images" if (n := next(iter(rows.values()), {}).get("images")) else "")
+        size = f" ({used}, 4x)" if used else ""
         lines += [f"\n**{set_name}**{size}\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|---|"]
         for model, s in rows.items():
             lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"

@@ -12,7 +12,7 @@ from tinysr.errors import MissingWeightsError, TinySRError
 from tinysr.imageio import LoadedImage, to_pil
 from tinysr.pipelines import OneStepSRPipeline
 
-from .common import MODELS, TITLES, format_scores, get_pipeline, model_label, new_output, read_upload, score, sentences
+from .common import MAX_PIXELS, MODELS, TITLES, format_scores, get_pipeline, model_label, new_output, read_upload, score, sentences
 
 OFFICIAL_SEED = 42  # the release scripts' --seed default (upstream never applies it to the posterior sample)
 DEGRADE_MAX_SIDE = 512  # the clean photo is centre-cropped to this before degrading (LR 128 px)
@@ -32,7 +32,7 @@ def run_model(name: str, image: LoadedImage, options: dict, gt: torch.Tensor | N
     extra = {"recipe": recipe, "seed": OFFICIAL_SEED} if isinstance(pipe, OneStepSRPipeline) and recipe != "default" else {}
     try:
         with PeakMemory(pipe.device) as memory:
-            result = pipe(image, color_fix=color_fix, tile_size=int(options["tile"]), tile_overlap=int(options["overlap"]), **extra)
+            result = pipe(image, color_fix=color_fix, tile_size=int(options["tile"]), tile_overlap=int(options["overlap"]), max_pixels=MAX_PIXELS, **extra)
     except (TinySRError, ValueError) as e:
         raise gr.Error(f"{TITLES[name]}: {e}") from None
     params = sum(pipe.num_parameters().values())
