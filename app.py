@@ -8,7 +8,10 @@ failing the app. Hosted use (a public Space): see the README's Spaces section; t
 webapp/. On Hugging Face Spaces, `spaces.GPU` wraps the GPU work when the `spaces` package is present.
 """
 
+import atexit
 import os
+import signal
+import sys
 
 import gradio as gr
 import torch
@@ -212,6 +215,11 @@ def auth_pairs() -> list[tuple[str, str]] | None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
+    # a training job runs in a session of its own: stop it when the app goes, on Ctrl-C or SIGTERM alike
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    atexit.register(training.JOB.stop)
+    # gradio's cache (uploads, the results it serves) inside our outputs folder, so one cap bounds both
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(OUTPUTS / "gradio"))
     warm_up(WARM_MODELS, tuple(NR_METRICS))
     build_demo().queue(default_concurrency_limit=1, max_size=32).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), allowed_paths=[str(OUTPUTS)], auth=auth_pairs(),

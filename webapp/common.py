@@ -28,8 +28,6 @@ EXAMPLES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.png"))
 OUTPUTS = Path(os.environ.get("TINYSR_OUTPUTS_DIR") or tempfile.mkdtemp(prefix="tinysr-app-"))
 OUTPUTS.mkdir(parents=True, exist_ok=True)
 OUTPUTS_MB = float(os.environ.get("TINYSR_OUTPUTS_MB", 500))  # results and uploads kept; the oldest go first
-# gradio's cache (uploads, the results it serves) inside ours, so one cap bounds both; read when the Blocks are made
-os.environ.setdefault("GRADIO_TEMP_DIR", str(OUTPUTS / "gradio"))
 log = logging.getLogger("tinysr.app")
 _warming: threading.Thread | None = None
 

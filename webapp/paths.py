@@ -19,7 +19,7 @@ from .common import ROOT
 SHARED_DATA = ROOT.parent / "shared" / "data"
 UPLOAD_MB = float(os.environ.get("TINYSR_UPLOAD_MB", 100))  # unpacked size of one benchmark upload
 UPLOAD_FILES = 500
-LR_NAMES, GT_NAMES = ("lr", "lq", "test_lr", "input"), ("gt", "hr", "test_hr", "target")
+GT_NAMES = ("gt", "hr", "test_hr", "target")  # a zip's ground-truth folder; every other image is an input
 
 
 def data_roots() -> list[Path]:
@@ -51,8 +51,8 @@ def allowed_folder(text: str, what: str) -> Path:
 def unpack_upload(files: list[str], dest: Path) -> tuple[Path, Path | None]:
     """Uploaded images, or zips of them, into dest/lr (and dest/gt when a zip has an HR folder next to its LR one).
 
-    In a zip, images under a folder named lr/lq/test_LR/input are inputs and under gt/hr/test_HR/target
-    ground truth; a zip without such folders holds inputs only. Names with folders of their own are flattened,
+    In a zip, images under a folder named gt/hr/test_HR/target are ground truth and all others inputs
+    (lr/, lq/, test_LR/ or the top). Names with folders of their own are flattened,
     anything that is not an image is skipped, and the unpacked total is capped at TINYSR_UPLOAD_MB.
     """
     lr, gt = dest / "lr", dest / "gt"
