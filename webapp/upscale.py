@@ -16,6 +16,7 @@ from .common import MAX_PIXELS, MODELS, TITLES, format_scores, get_pipeline, mod
 
 OFFICIAL_SEED = 42  # the release scripts' --seed default (upstream never applies it to the posterior sample)
 DEGRADE_MAX_SIDE = 512  # the clean photo is centre-cropped to this before degrading (LR 128 px)
+DEFAULT_OPTIONS = {"color_fix": "model default", "tile": 64, "overlap": 8, "precision": "fp32"}  # the Advanced accordion's defaults
 
 
 def run_model(name: str, image: LoadedImage, options: dict, gt: torch.Tensor | None) -> tuple:
@@ -96,8 +97,7 @@ def upscale(path, model="tinysr"):
     if model not in MODELS:
         raise gr.Error(f"Unknown model {model!r}; choose one of {', '.join(MODELS)}.")
     image = read_upload(path, "an image")
-    options = {"color_fix": "model default", "tile": 64, "overlap": 8, "precision": "fp32"}
-    _, report, file = run_model(model, image, options, None)
+    _, report, file = run_model(model, image, DEFAULT_OPTIONS, None)
     if file is None:
         raise gr.Error(report.replace("###", "").replace("```", "").strip())
     return file, report
@@ -123,7 +123,7 @@ def degrade_and_restore(path, seed, strength, left, right, precision="fp32"):
     config = DegradationConfig(hflip_prob=0.0).with_strength(float(strength))
     pair = RealESRGANDegradation(config)(hr, int(seed))
     lq = LoadedImage(pair.lq, None, False, 8)
-    options = {"color_fix": "model default", "tile": 64, "overlap": 8, "precision": precision}
+    options = {**DEFAULT_OPTIONS, "precision": precision}
     rows, images = [], {}
     for name in dict.fromkeys(["bicubic", left, right]):
         img, report, _ = run_model(name, lq, options, hr)
