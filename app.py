@@ -16,6 +16,7 @@ import sys
 import gradio as gr
 import torch
 
+from tinysr.device import PRECISIONS as INFERENCE_PRECISIONS
 from tinysr.official import RECIPES
 from trainer.config import STAGES
 from trainer.launch import PRECISIONS, RUNS, available_configs
@@ -57,7 +58,10 @@ def upscale_tab(choices):
                 color_fix = gr.Dropdown(["model default", "adain", "wavelet", "none"], value="model default", label="Colour fix")
                 tile = gr.Slider(16, 128, value=64, step=8, label="Latent tile size (8 px each)")
                 overlap = gr.Slider(0, 32, value=8, step=2, label="Latent tile overlap")
-                precision = gr.Dropdown(["fp32", "fp16", "bf16"], value="fp32", label="Precision")
+                precision = gr.Dropdown(
+                    list(INFERENCE_PRECISIONS), value="auto", label="Precision",
+                    info="auto: fp16 on a GPU, bf16 on CPUs with native bf16, else fp32; int8: the transformer's linears in int8 (CPU only)",
+                )
                 recipe = gr.Radio(
                     list(RECIPES), value="default", label="Recipe",
                     info="official: the release scripts' pre/post-processing, byte for byte for the same model outputs (README: Fidelity)",

@@ -19,32 +19,35 @@ SETS = ["RealSRVal_crop128", "DrealSRVal_crop128"]
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"benchmark data not found at {DATA}")
 
 
-def osediff_log(dataset: str) -> tuple[dict, dict]:
-    """(average, per-image) metrics from the OSEDiff authors' log, lower-case names."""
+def osediff_log(dataset: str) -> dict:
+    """Per-image metrics from the OSEDiff authors' log, lower-case names."""
     text = next((DATA / dataset / "results_osediff" / "metrics").glob("*.log")).read_text()
     per_image = {}
     for name, fields in re.findall(r"results_osediff/(\S+\.png) \| (.*)", text):
         per_image[name] = {k.lower(): float(v) for k, v in re.findall(r"(\w+): ([\d.]+)", fields)}
-    avg_line = text.split("===== Average Metrics")[1].splitlines()[1]
-    average = {k.lower(): float(v) for k, v in re.findall(r"(\w+): ([\d.]+)", avg_line)}
-    return average, per_image
+    return per_image
 
 
 @needs_data
 @pytest.mark.parametrize("dataset", SETS)
-def test_osediff_outputs_reproduce_logged_metrics(dataset):
-    average, per_image = osediff_log(dataset)
-    result = evaluate_folders(DATA / dataset / "results_osediff", DATA / dataset / "test_HR", metrics=["psnr", "ssim", "niqe"], progress=False)
-    assert result["count"] == len(per_image)
-    ours = result["average"]
-    assert round(ours["psnr"], 4) == average["psnr"]
-    assert round(ours["ssim"], 4) == average["ssim"]
-    assert abs(ours["niqe"] - average["niqe"]) < 0.01
+def test_osediff_outputs_reproduce_logged_metrics(dataset, tmp_path):
+    """Every 4th image of each set (25 of ~100: pyiqa's float64 SSIM costs ~1 s per image here), per image and averaged."""
+    per_image = osediff_log(dataset)
+    names = sorted(per_image)[::4]
+    for kind, folder in (("pred", "results_osediff"), ("gt", "test_HR")):
+        (tmp_path / kind).mkdir()
+        for name in names:
+            shutil.copy(DATA / dataset / folder / name, tmp_path / kind / name)
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "gt", metrics=["psnr", "ssim", "niqe"], progress=False)
+    assert result["count"] == len(names) >= 20 and len(per_image) >= 90
+    for metric in ("psnr", "ssim", "niqe"):
+        logged = sum(per_image[n][metric] for n in names) / len(names)
+        assert result["average"][metric] == pytest.approx(logged, abs=0.01 if metric == "niqe" else 1e-4)
     for row in result["per_image"]:
         ref = per_image[row["image"]]
         assert abs(row["psnr"] - ref["psnr"]) < 1e-4 and abs(row["ssim"] - ref["ssim"]) < 1e-5
         assert abs(row["niqe"] - ref["niqe"]) < 0.05
-    print(format_table({f"OSEDiff {dataset}": result}))
+    print(format_table({f"OSEDiff {dataset} (every 4th image)": result}))
 
 
 def test_metrics_without_weights_are_reported_not_fatal(monkeypatch, tmp_path):

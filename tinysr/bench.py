@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .device import dtype_name, half_dtype, parse_dtype, pick_device, synchronize
+from .device import PeakMemory, dtype_name, half_dtype, pick_device, resolve_precision, synchronize
 from .models import TinyAutoencoder, TinySRTransformer
 from .pipelines import TinySRPipeline, TSDSRPipeline
 
@@ -80,10 +80,20 @@ def time_fn(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def default_precisions(device: torch.device) -> list[str]:
+    """fp32, the device's half precision, and int8 on the CPU."""
+    names = ["fp32", dtype_name(half_dtype(device))]
+    return names + ["int8"] if device.type == "cpu" else names
+
+
 @torch.no_grad()
-def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper", baselines=(), log=print) -> dict:
+def run_benchmark(
+    size=128, device="auto", repeats=2, dtypes=None, scale="paper", baselines=(), onnx=False, batch_sizes=(), log=print
+) -> dict:
+    """Per-stage latency for each precision (and the ONNX backend with `onnx`); with `batch_sizes`, end-to-end
+    throughput (images/s, peak memory) of whole images in batches, in the first precision."""
     device = pick_device(device)
-    dtypes = [parse_dtype(d) for d in dtypes] if dtypes else [torch.float32, half_dtype(device)]
+    precisions = list(dict.fromkeys(resolve_precision(d, device) for d in (dtypes or default_precisions(device))))
     if any(b != "realesrgan-x4plus" for b in baselines):
         raise ValueError(f"bench baselines: only realesrgan-x4plus has a network to time, got {', '.join(baselines)}")
     log(f"building TSD-SR and TinySR ({'loaded weights' if scale == 'loaded' else scale + ' size, random weights'}) on {device} ...")
@@ -102,19 +112,22 @@ def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper"
     for name, pipe in pipes.items():
         params = pipe.num_parameters()
         entry = {"params": params, "macs": {}, "latency": {}}
-        pipe.to(dtype=torch.float32)
+        pipe.to(dtype="fp32")
         x = image.to(device)
         fns = stage_fns(pipe, x)
         entry["macs"] = {stage: count_macs(fn) for stage, fn in fns.items()}
-        for dtype in dtypes:
-            pipe.to(dtype=dtype)
-            fns = stage_fns(pipe, x.to(dtype))
-            log(f"timing {name} {dtype_name(dtype)} ...")
-            lat = {stage: time_fn(fn, device, repeats) for stage, fn in fns.items()}
-            lat["total"] = sum(lat.values())
-            entry["latency"][dtype_name(dtype)] = lat
+        for precision in precisions:
+            pipe.to(dtype=precision)
+            log(f"timing {name} {precision} ...")
+            entry["latency"][precision] = time_stages(pipe, x.to(pipe.dtype), device, repeats)
+        if onnx:
+            entry["latency"]["onnx fp32"] = time_onnx(pipe, x, device, repeats, log, name)
+        if batch_sizes:
+            pipe.to(dtype=precisions[0])
+            entry["throughput"] = {str(b): throughput(pipe, x, b, device, repeats, log, name) for b in batch_sizes}
+            entry["throughput_dtype"] = precisions[0]
         results["models"][name] = entry
-        pipe.to(dtype=torch.float32)
+        pipe.to(dtype="fp32")
     teacher, student = results["models"]["TSD-SR"], results["models"]["TinySR"]
     results["ratios"] = {
         "params_transformer": teacher["params"]["transformer"] / student["params"]["transformer"],
@@ -124,8 +137,42 @@ def run_benchmark(size=128, device="auto", repeats=2, dtypes=None, scale="paper"
         **{f"latency_{d}": teacher["latency"][d]["total"] / student["latency"][d]["total"] for d in teacher["latency"]},
     }
     for name in baselines:
-        results.setdefault("baselines", {})[name] = time_baseline(name, image, device, dtypes, repeats, log)
+        results.setdefault("baselines", {})[name] = time_baseline(name, image, device, precisions, repeats, log)
     return results
+
+
+def time_stages(pipe, x, device, repeats) -> dict:
+    lat = {stage: time_fn(fn, device, repeats) for stage, fn in stage_fns(pipe, x).items()}
+    lat["total"] = sum(lat.values())
+    return lat
+
+
+def time_onnx(pipe, x, device, repeats, log, name) -> dict:
+    """The same stages exported to ONNX and run by onnxruntime (fp32), from a temporary folder."""
+    import tempfile
+
+    from .onnx import OnnxPipeline, export_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        log(f"exporting {name} to ONNX ...")
+        export_onnx(pipe, folder)
+        pipe.to(device)
+        log(f"timing {name} onnx fp32 ...")
+        return time_stages(OnnxPipeline(folder, device=device), x.float(), device, repeats)
+
+
+def throughput(pipe, x, batch: int, device, repeats, log, name) -> dict:
+    """Whole images (encode, transformer, decode; the pipeline's default tile batch) in batches of `batch`."""
+    xb = x.to(pipe.dtype).expand(batch, -1, -1, -1).contiguous()
+    log(f"throughput {name} {pipe.precision} batch {batch} ...")
+
+    def fn():
+        pipe._run(xb, "default", 64, 8, 128, 16, None, {}, pipe.default_tile_batch())
+
+    fn()
+    with PeakMemory(device) as peak:
+        seconds = time_fn(fn, device, repeats)
+    return {"images_per_s": batch / seconds, "seconds": seconds, "peak_gb": peak.peak_bytes / 2**30, "memory": peak.kind}
 
 
 def time_baseline(name: str, image: torch.Tensor, device, dtypes, repeats: int, log=print) -> dict:
@@ -136,11 +183,13 @@ def time_baseline(name: str, image: torch.Tensor, device, dtypes, repeats: int, 
     lr = torch.nn.functional.interpolate((image + 1) / 2, scale_factor=0.25, mode="area").to(device)
     fn = upscaler.network
     entry = {"params": sum(upscaler.num_parameters().values()), "macs": count_macs(lambda: fn(lr.contiguous(memory_format=torch.channels_last))), "latency": {}}
-    for dtype in dtypes:
-        upscaler.to(dtype=dtype)
-        x = lr.to(dtype).contiguous(memory_format=torch.channels_last)
-        log(f"timing {name} {dtype_name(dtype)} ...")
-        entry["latency"][dtype_name(dtype)] = time_fn(lambda: fn(x), device, repeats)
+    for precision in dtypes:
+        if precision == "int8":  # ours quantizes transformers; the baseline is a convolutional network
+            continue
+        upscaler.to(dtype=precision)
+        x = lr.to(upscaler.dtype).contiguous(memory_format=torch.channels_last)
+        log(f"timing {name} {precision} ...")
+        entry["latency"][precision] = time_fn(lambda: fn(x), device, repeats)
     return entry
 
 
@@ -169,6 +218,11 @@ def format_table(r: dict) -> str:
         f"MACs {ratios['macs_total']:.2f}x (VAE {ratios['vae_macs']:.1f}x), "
         + ", ".join(f"latency {k[8:]} {v:.2f}x" for k, v in ratios.items() if k.startswith("latency_"))
     )
+    if "throughput" in models[0]:
+        lines.append(f"throughput, whole {r['input']} -> {r['output']} images in batches ({models[0]['throughput_dtype']}; peak: {next(iter(models[0]['throughput'].values()))['memory']}):")
+        for b in models[0]["throughput"]:
+            row(f"  batch {b}: images/s", [m["throughput"][b]["images_per_s"] for m in models], lambda v: f"{v:.2f}")
+            row(f"  batch {b}: peak memory (GB)", [m["throughput"][b]["peak_gb"] for m in models], lambda v: f"{v:.2f}")
     for name, b in r.get("baselines", {}).items():
         lines.append(
             f"{name}: params {b['params'] / 1e6:.1f} M, MACs {b['macs'] / 1e9:.1f} G, "

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .color import COLOR_FIXES
-from .device import DTYPES, is_out_of_memory, out_of_memory_message, pick_device
+from .device import DTYPES, PRECISIONS, is_out_of_memory, out_of_memory_message, pick_device
 from .errors import TinySRError
 from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
 from .metrics import DEFAULT_METRICS, METRICS
@@ -46,8 +46,14 @@ def add_upscale(sub):
     p.add_argument("--vae-tile", type=int, default=None, help="latent tile size of the VAE (default 128; official recipe: untiled)")
     p.add_argument("--vae-tile-overlap", type=int, default=16)
     add_recipe_options(p)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=PRECISIONS, default="auto",
+                   help="auto: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32; int8: the transformer's linears in int8 (CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run a folder written by `export-onnx` with onnxruntime (--model DIR)")
+    p.add_argument("--batch", type=int, default=1, help="images of one size that go through the models together (GPU throughput)")
+    p.add_argument("--tile-batch", type=int, default=None, help="tiles per forward pass (default 1 on CPU, 16 on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA graphs on CUDA); pays off over many images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger inputs (checked before decoding)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     p.set_defaults(func=run_upscale)
@@ -62,42 +68,70 @@ def run_upscale(args) -> int:
     if not files:
         print("error: no images found in " + ", ".join(args.inputs), file=sys.stderr)
         return 2
+    if args.batch < 1 or (args.tile_batch is not None and args.tile_batch < 1):
+        print("error: --batch and --tile-batch must be at least 1", file=sys.stderr)
+        return 2
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(args.model, revision=args.revision, device=args.device, dtype=args.dtype, backend=args.backend)
     if recipe_refused(args, pipe):
         return 2
+    if args.compile:
+        pipe.compile()
+    options = dict(
+        **recipe_kwargs(args), tile_size=args.tile, tile_overlap=args.tile_overlap, vae_tile_size=args.vae_tile,
+        vae_tile_overlap=args.vae_tile_overlap, max_pixels=args.max_pixels,
+    )
+    if args.tile_batch is not None:
+        options["tile_batch"] = args.tile_batch
     failures = 0
-    bar = tqdm(files, unit="img", file=sys.stderr)
-    for path in bar:
+    pending: list = []  # (path, target, loaded) waiting to fill a batch
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr)
+
+    def flush():
+        nonlocal failures
+        batch = list(pending)
+        pending.clear()
+        try:
+            results = pipe.upscale_batch([loaded for _, _, loaded in batch], **options) if len(batch) > 1 else [pipe(batch[0][2], **options)]
+        except (TinySRError, ValueError) as e:
+            failures += len(batch)
+            tqdm.write(f"error: {', '.join(p.name for p, _, _ in batch)}: {e}" if len(batch) > 1 else f"error: {e}", file=sys.stderr)
+            bar.update(len(batch))
+            return
+        for (path, target, _), result in zip(batch, results):
+            tmp = target.with_name(target.name + ".part")
+            result.pil.save(tmp, format="PNG")
+            tmp.replace(target)
+            together = f" (batch of {result.batch_size})" if result.batch_size > 1 else ""
+            tqdm.write(
+                f"{path.name} -> {target} {result.image.shape[2]}x{result.image.shape[1]} [{result.dtype}] "
+                + " ".join(f"{k} {v:.2f}s" for k, v in result.timings.items() if k not in ("preprocess", "postprocess")) + together
+            )
+        bar.update(len(batch))
+
+    for path in files:
         target = out_dir / (path.stem + ".png")
         if target.exists() and not args.overwrite:
             tqdm.write(f"skip {path} ({target} exists; --overwrite to replace)", file=sys.stderr)
+            bar.update(1)
             continue
         bar.set_postfix_str(path.name)
         try:
             loaded = load_image(path, max_pixels=args.max_pixels)
-            result = pipe(
-                loaded,
-                **recipe_kwargs(args),
-                tile_size=args.tile,
-                tile_overlap=args.tile_overlap,
-                vae_tile_size=args.vae_tile,
-                vae_tile_overlap=args.vae_tile_overlap,
-                max_pixels=args.max_pixels,
-            )
         except (TinySRError, ValueError) as e:
             failures += 1
             tqdm.write(f"error: {e}", file=sys.stderr)
+            bar.update(1)
             continue
-        tmp = target.with_name(target.name + ".part")
-        result.pil.save(tmp, format="PNG")
-        tmp.replace(target)
-        t = result.timings
-        tqdm.write(
-            f"{path.name} -> {target} {result.image.shape[2]}x{result.image.shape[1]} "
-            f"[{result.dtype}] " + " ".join(f"{k} {v:.2f}s" for k, v in t.items() if k not in ("preprocess", "postprocess"))
-        )
+        if pending and loaded.rgb.shape != pending[0][2].rgb.shape:
+            flush()
+        pending.append((path, target, loaded))
+        if len(pending) == args.batch:
+            flush()
+    if pending:
+        flush()
+    bar.close()
     if failures:
         print(f"{failures} of {len(files)} images failed", file=sys.stderr)
     return 1 if failures else 0
@@ -138,18 +172,51 @@ def run_convert(args) -> int:
     return 0
 
 
+def add_export_onnx(sub):
+    p = sub.add_parser("export-onnx", help="write a model's transformer, VAE encoder and VAE decoder as ONNX graphs (dynamic sizes)")
+    p.add_argument("model", help="tinysr, tsdsr, a model folder or a hub repo id")
+    p.add_argument("-o", "--output", required=True, help="folder to write (run it with `upscale --backend onnx --model DIR`)")
+    p.add_argument("--opset", type=int, default=18)
+    p.set_defaults(func=run_export_onnx)
+
+
+def run_export_onnx(args) -> int:
+    from .onnx import OnnxPipeline, export_onnx
+    from .pipelines import OneStepSRPipeline, load_pipeline
+
+    pipe = load_pipeline(args.model, device="cpu")
+    if not isinstance(pipe, OneStepSRPipeline) or isinstance(pipe, OnnxPipeline):
+        print(f"error: export-onnx takes a TinySR or TSD-SR model in torch, not {args.model}", file=sys.stderr)
+        return 2
+    folder = export_onnx(pipe, args.output, opset=args.opset)
+    sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(folder.glob("*.onnx*")))
+    print(f"wrote {folder}: {sizes}")
+    return 0
+
+
 def add_bench(sub):
     p = sub.add_parser("bench", help="TSD-SR vs TinySR: parameters, MACs and per-stage latency (random weights)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--size", type=int, default=128, help="input side in pixels (output is 4x)")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per stage (median reported)")
-    p.add_argument("--dtypes", default=None, help="comma list; default fp32 plus fp16 (CUDA/MPS) or bf16 (CPU)")
+    p.add_argument("--dtypes", default=None, help="comma list of precisions; default fp32 plus fp16 (CUDA/MPS) or bf16 and int8 (CPU)")
     p.add_argument("--scale", choices=["paper", "tiny", "loaded"], default="paper",
                    help="tiny: small configs, a smoke test; loaded: the weights `tsdsr` and `tinysr` resolve to")
     p.add_argument("--baseline", action="append", default=[], choices=["realesrgan-x4plus"],
                    help="also time this baseline's network on the same input (repeatable)")
+    p.add_argument("--onnx", action="store_true", help="also export both models to ONNX and time them with onnxruntime (fp32)")
+    p.add_argument("--throughput", action="store_true", help="also whole images in batches: images/s and peak memory")
+    p.add_argument("--batch-sizes", default=None, help="with --throughput; default 1,2,4,8,16,32 on CUDA, 1,2,4 elsewhere")
     p.set_defaults(func=run_bench)
+
+
+def throughput_batches(args) -> list[int]:
+    if not args.throughput:
+        return []
+    if args.batch_sizes:
+        return [int(b) for b in args.batch_sizes.split(",")]
+    return [1, 2, 4, 8, 16, 32] if pick_device(args.device).type == "cuda" else [1, 2, 4]
 
 
 def run_bench(args) -> int:
@@ -162,6 +229,8 @@ def run_bench(args) -> int:
         dtypes=args.dtypes.split(",") if args.dtypes else None,
         scale=args.scale,
         baselines=args.baseline,
+        onnx=args.onnx,
+        batch_sizes=throughput_batches(args),
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print(format_table(results))
@@ -180,7 +249,7 @@ def add_eval(sub):
     p.add_argument("--tile", type=int, default=64, help="with --model: latent tile size")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help=f"comma list from: {', '.join(METRICS)}")
     add_recipe_options(p)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=PRECISIONS, default="fp32")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write {average, per_image, unavailable} here")
     p.add_argument("--csv", help="write one row per image here")
@@ -267,6 +336,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_upscale(sub)
     add_convert(sub)
+    add_export_onnx(sub)
     add_bench(sub)
     add_eval(sub)
     add_cache(sub)

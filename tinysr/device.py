@@ -6,9 +6,11 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import OutOfMemory
+from .errors import OutOfMemory, UnsupportedOption
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# what a user may ask for: the float dtypes, int8 (dynamic int8 linears on CPU, fp32 elsewhere) and auto
+PRECISIONS = (*DTYPES, "int8", "auto")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -29,6 +31,24 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def native_bf16() -> bool:
+    """The CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN emulates it, slower than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: fp16 on CUDA/MPS, bf16 on a CPU with native bf16, fp32 elsewhere; other names are checked and kept."""
+    if precision not in PRECISIONS:
+        raise UnsupportedOption(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and device.type != "cpu":
+        raise UnsupportedOption(f"int8 runs on the CPU only (dynamic int8 linears); on {device.type} use fp16 or auto")
+    if precision != "auto":
+        return precision
+    if device.type in ("cuda", "mps"):
+        return "fp16"
+    return "bf16" if native_bf16() else "fp32"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

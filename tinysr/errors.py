@@ -17,6 +17,10 @@ class OutOfMemory(TinySRError, MemoryError):
     """The work did not fit in the memory this process may use (RAM limit, free RAM, GPU memory)."""
 
 
+class UnsupportedOption(TinySRError, ValueError):
+    """An option this device or backend cannot run (int8 on a GPU, fp16 on the ONNX backend)."""
+
+
 class WrongModelError(TinySRError, ValueError):
     """A weight folder that holds something other than what was asked for."""
 

@@ -55,25 +55,30 @@ def tiled_map(
     x_scale: int = 1,
     y_scale: int = 1,
     align: int = 1,
+    batch: int = 1,
 ) -> torch.Tensor:
     """Apply `fn` tile by tile and blend; a single tile is just `fn(x)`, bit for bit.
 
     `tile`, `overlap` and `align` are in latent units; `x_scale`/`y_scale` are the number of
-    input/output pixels per latent pixel.
+    input/output pixels per latent pixel. `batch` tiles (all of one size) go through `fn` at once.
     """
     height, width = x.shape[-2] // x_scale, x.shape[-1] // x_scale
     boxes = tile_boxes(height, width, tile, overlap, align)
     if len(boxes) == 1:
         return fn(x)
+    n = x.shape[0]
     out = weight_sum = None
-    for top, left, th, tw in boxes:
+    for group in range(0, len(boxes), max(batch, 1)):
+        chunk = boxes[group : group + max(batch, 1)]
         s = x_scale
-        y = fn(x[..., top * s : (top + th) * s, left * s : (left + tw) * s]).float()
-        if out is None:
-            out = y.new_zeros(*y.shape[:-2], height * y_scale, width * y_scale)
-            weight_sum = y.new_zeros(height * y_scale, width * y_scale)
-        w = gaussian_tile_weights(th * y_scale, tw * y_scale).to(y.device, torch.float32)
-        s = y_scale
-        out[..., top * s : (top + th) * s, left * s : (left + tw) * s] += y * w
-        weight_sum[top * s : (top + th) * s, left * s : (left + tw) * s] += w
+        crops = [x[..., top * s : (top + th) * s, left * s : (left + tw) * s] for top, left, th, tw in chunk]
+        ys = fn(crops[0] if len(crops) == 1 else torch.cat(crops)).float().split(n)
+        for (top, left, th, tw), y in zip(chunk, ys):
+            if out is None:
+                out = y.new_zeros(*y.shape[:-2], height * y_scale, width * y_scale)
+                weight_sum = y.new_zeros(height * y_scale, width * y_scale)
+            w = gaussian_tile_weights(th * y_scale, tw * y_scale).to(y.device, torch.float32)
+            s = y_scale
+            out[..., top * s : (top + th) * s, left * s : (left + tw) * s] += y * w
+            weight_sum[top * s : (top + th) * s, left * s : (left + tw) * s] += w
     return (out / weight_sum).to(x.dtype)

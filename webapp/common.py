@@ -79,7 +79,7 @@ def model_label(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def get_pipeline(name: str, dtype: str = "fp32"):
+def get_pipeline(name: str, dtype: str = "auto"):
     return load_pipeline(name, dtype=dtype)
 
 

@@ -16,7 +16,7 @@ from .common import MAX_PIXELS, MODELS, TITLES, format_scores, get_pipeline, mod
 
 OFFICIAL_SEED = 42  # the release scripts' --seed default (upstream never applies it to the posterior sample)
 DEGRADE_MAX_SIDE = 512  # the clean photo is centre-cropped to this before degrading (LR 128 px)
-DEFAULT_OPTIONS = {"color_fix": "model default", "tile": 64, "overlap": 8, "precision": "fp32"}  # the Advanced accordion's defaults
+DEFAULT_OPTIONS = {"color_fix": "model default", "tile": 64, "overlap": 8, "precision": "auto"}  # the Advanced accordion's defaults
 
 
 def run_model(name: str, image: LoadedImage, options: dict, gt: torch.Tensor | None) -> tuple:
@@ -74,7 +74,7 @@ def slider_pair(images: dict, view: str):
 
 @sentences
 def compare(
-    path, left, right, color_fix="model default", tile=64, overlap=8, precision="fp32", gt_path=None, view="left | right",
+    path, left, right, color_fix="model default", tile=64, overlap=8, precision="auto", gt_path=None, view="left | right",
     recipe="default",
 ):
     """Upscale with two models; returns slider, reports, downloads and the images for other slider views."""
@@ -117,7 +117,7 @@ def centre_crop(rgb: torch.Tensor, max_side: int) -> torch.Tensor:
 
 
 @sentences
-def degrade_and_restore(path, seed, strength, left, right, precision="fp32"):
+def degrade_and_restore(path, seed, strength, left, right, precision="auto"):
     clean = read_upload(path, "a clean photo")
     hr = centre_crop(clean.rgb, DEGRADE_MAX_SIDE)
     config = DegradationConfig(hflip_prob=0.0).with_strength(float(strength))

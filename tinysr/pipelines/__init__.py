@@ -20,8 +20,10 @@ NAMED_MODELS = {
 }
 
 
-def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="fp32") -> OneStepSRPipeline:
+def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="fp32", backend="torch") -> OneStepSRPipeline:
     """`tinysr`, `tsdsr`, a baseline (`bicubic`, `realesrgan-x4plus`), or a folder / hub id in our format.
+
+    A folder written by `python -m tinysr export-onnx` runs with onnxruntime; `backend="onnx"` insists on one.
 
     A folder's model_index.json picks the pipeline class; an official TinySR checkpoint folder
     (tinybackbone/, tinysr/, vae/) loads as released, its pool_embeds.pt found inside or in TINYSR_EMBEDS_DIR.
@@ -30,6 +32,16 @@ def load_pipeline(model: str, *, revision=None, token=None, device=None, dtype="
     optionally, TSDSR_SD3 for the base model).
     """
     kwargs = {"device": device, "dtype": dtype}
+    from ..onnx import OnnxPipeline, is_onnx_folder
+
+    if backend not in ("torch", "onnx"):
+        raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
+    if is_onnx_folder(model):
+        return OnnxPipeline(model, **kwargs)
+    if backend == "onnx":
+        raise MissingWeightsError(
+            "onnx_pipeline.json", [str(model)], f"The ONNX backend runs an exported folder: `python -m tinysr export-onnx {model} -o DIR`, then --model DIR."
+        )
     from ..baselines import BASELINES
 
     if model in BASELINES:

@@ -17,12 +17,13 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from ..color import COLOR_FIXES, apply_color_fix
-from ..device import dtype_name, fallback_dtype, out_of_memory_as_error, parse_dtype, pick_device, timed
+from ..device import dtype_name, fallback_dtype, out_of_memory_as_error, parse_dtype, pick_device, resolve_precision, timed
 from ..errors import ImageError, NumericalError
 from ..imageio import DEFAULT_MAX_PIXELS, as_loaded_image, to_pil
 from ..official import (
     PROCESS_SIZE, RECIPES, UPSCALE, official_color_fix, official_lr, official_sizes, official_tiled_predict, quantize_like_script,
 )
+from ..quantization import quantize_linears_int8
 from ..tiling import tiled_map
 
 SCALE = UPSCALE
@@ -41,6 +42,7 @@ class SRResult:
     alpha: torch.Tensor | None = None
     grayscale: bool = False
     bit_depth: int = 8
+    batch_size: int = 1  # images that went through the models together (timings are the batch's)
 
     @property
     def pil(self) -> Image.Image:
@@ -106,11 +108,12 @@ class OneStepSRPipeline:
     official_clamps_input = False  # the release scripts clamp the bicubic input to [-1, 1] for TSD-SR, not for TinySR
 
     def __init__(self, transformer, vae, *, device=None, dtype="fp32"):
+        """`dtype`: fp32, fp16, bf16, int8 (the transformer's linears in dynamic int8, CPU) or auto (see `resolve_precision`)."""
         self.device = pick_device(device)
-        self.dtype = parse_dtype(dtype)
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
-        self.to(self.device, self.dtype)
+        self._float_transformer = None  # the float model while `transformer` is its int8 copy
+        self.to(self.device, dtype)
 
     # ----- what subclasses provide -----
     def predict(self, latent: torch.Tensor) -> torch.Tensor:
@@ -127,8 +130,14 @@ class OneStepSRPipeline:
 
     # ----- shared machinery -----
     def to(self, device=None, dtype=None):
+        """Move and cast; int8 quantizes a copy of the float transformer, any other precision brings the float one back."""
         self.device = pick_device(device) if device is not None else self.device
-        self.dtype = parse_dtype(dtype) if dtype is not None else self.dtype
+        if isinstance(dtype, torch.dtype):
+            dtype = dtype_name(parse_dtype(dtype))
+        self.precision = resolve_precision(dtype or self.precision, self.device)
+        self.dtype = torch.float32 if self.precision == "int8" else parse_dtype(self.precision)
+        if self._float_transformer is not None:
+            self.transformer, self._float_transformer = self._float_transformer, None
         for name, module in self.modules().items():
             if self.dtype == torch.float16:
                 self._keep_fp16_overflows(name, module)
@@ -136,6 +145,8 @@ class OneStepSRPipeline:
             torch.nn.Module.to(module, self.device, self.dtype)
             if self.dtype != torch.float16:
                 self._restore_fp16_overflows(name, module)
+        if self.precision == "int8":
+            self._float_transformer, self.transformer = self.transformer, quantize_linears_int8(self.transformer)
         return self
 
     @torch.no_grad()
@@ -154,8 +165,18 @@ class OneStepSRPipeline:
         for key, value in self.__dict__.get("_fp16_overflows", {}).get(name, {}).items():
             state[key].copy_(value)
 
+    def compile(self, mode: str | None = None):
+        """torch.compile the transformer and the VAE's encoder and decoder in place (CUDA graphs, `reduce-overhead`,
+        on CUDA); the first image of each new size pays the compilation."""
+        mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        modules = [self.transformer, *(getattr(self.vae, part) for part in ("encoder", "decoder") if hasattr(self.vae, part))]
+        for module in modules:
+            module.compile(mode=mode, dynamic=False)
+        return self
+
     def modules(self) -> dict:
-        return {"transformer": self.transformer, "vae": self.vae}
+        """The float models (what is saved and counted, also while int8 runs)."""
+        return {"transformer": self._float_transformer or self.transformer, "vae": self.vae}
 
     def num_parameters(self) -> dict:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
@@ -163,36 +184,42 @@ class OneStepSRPipeline:
     # the three stages, each tiled; `_run` chains them and the benchmark times them one by one
     def encode_latents(
         self, x: torch.Tensor, vae_tile_size: int | None = 128, vae_tile_overlap: int = 16, *,
-        sample: bool = False, generator: torch.Generator | None = None, memory_format=torch.channels_last,
+        sample: bool = False, generator: torch.Generator | None = None, memory_format=torch.channels_last, tile_batch: int = 1,
     ) -> torch.Tensor:
-        """(1, 3, H, W) in [-1, 1] -> scaled latent; `vae_tile_size=None` encodes in one piece."""
+        """(N, 3, H, W) in [-1, 1] -> scaled latent; `vae_tile_size=None` encodes in one piece."""
         x = x.to(self.device, self.dtype, memory_format=memory_format)
 
         def encode(t):
             return vae_encode(self.vae, t, sample, generator)
 
-        z = encode(x) if vae_tile_size is None else tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae))
+        if vae_tile_size is None:
+            z = encode(x)
+        else:
+            z = tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae), batch=tile_batch)
         return z * self.vae.config.scaling_factor
 
-    def predict_tiled(self, z: torch.Tensor, tile_size: int = 64, tile_overlap: int = 8) -> torch.Tensor:
+    def predict_tiled(self, z: torch.Tensor, tile_size: int = 64, tile_overlap: int = 8, tile_batch: int = 1) -> torch.Tensor:
         """eps over Gaussian-blended latent tiles, no larger than the position table covers."""
         tile_size = min(tile_size, self.max_latent_tile)
         tile_size -= tile_size % self.latent_multiple
-        return tiled_map(self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple)
+        return tiled_map(self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple, batch=tile_batch)
 
     def decode_latents(
-        self, z: torch.Tensor, vae_tile_size: int | None = 128, vae_tile_overlap: int = 16, *, memory_format=torch.channels_last
+        self, z: torch.Tensor, vae_tile_size: int | None = 128, vae_tile_overlap: int = 16, *,
+        memory_format=torch.channels_last, tile_batch: int = 1,
     ) -> torch.Tensor:
         z = (z / self.vae.config.scaling_factor).contiguous(memory_format=memory_format)
 
         def decode(t):
             return vae_decode(self.vae, t)
 
-        return decode(z) if vae_tile_size is None else tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae))
+        if vae_tile_size is None:
+            return decode(z)
+        return tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch)
 
     @torch.no_grad()
-    def _run(self, x, recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings) -> torch.Tensor:
-        """x: (1, 3, H, W) in [-1, 1] on the pipeline's device and dtype; returns the decoded [-1, 1] image.
+    def _run(self, x, recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings, tile_batch=1) -> torch.Tensor:
+        """x: (N, 3, H, W) in [-1, 1] on the pipeline's device and dtype; returns the decoded [-1, 1] images.
 
         The official recipe runs the VAE in contiguous memory (channels-last convolutions round
         differently), samples AutoencoderKL's posterior and tiles the latent as the scripts do.
@@ -203,19 +230,35 @@ class OneStepSRPipeline:
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
         with timed(timings, "encode", self.device):
             z = self.encode_latents(
-                x, vae_tile_size, vae_tile_overlap, sample=official, generator=generator, memory_format=memory_format
+                x, vae_tile_size, vae_tile_overlap, sample=official, generator=generator, memory_format=memory_format, tile_batch=tile_batch
             )
         with timed(timings, "transformer", self.device):
             if official:
                 z = z - official_tiled_predict(self.predict, z, tile_size, tile_overlap)
             else:
-                z = z - self.predict_tiled(z, tile_size, tile_overlap)
+                z = z - self.predict_tiled(z, tile_size, tile_overlap, tile_batch)
         with timed(timings, "decode", self.device):
-            return self.decode_latents(z, vae_tile_size, vae_tile_overlap, memory_format=memory_format)
+            return self.decode_latents(z, vae_tile_size, vae_tile_overlap, memory_format=memory_format, tile_batch=tile_batch)
 
-    def __call__(
+    def default_tile_batch(self) -> int:
+        """Tiles per forward pass: one at a time on the CPU (no faster batched), 16 on a GPU (launch overhead dominates)."""
+        return 16 if self.device.type == "cuda" else 1
+
+    def __call__(self, image, **options) -> SRResult:
+        """Upscale x4. `image`: a path, PIL image, LoadedImage, or CHW float tensor in [0, 1].
+
+        recipe "default" (ours): inputs of any size are padded, never distorted; the output is
+        exactly 4x the input, alpha, grayscale and 16-bit kept; the VAE is tiled (128 latent px
+        unless `vae_tile_size` says otherwise). recipe "official": the release scripts' arithmetic,
+        8-bit RGB in and out, no VAE tiling unless `vae_tile_size` is given, TSD-SR's posterior
+        sampled with `seed` (unseeded upstream). Tile sizes are in latent pixels (8 image pixels each);
+        `tile_batch` tiles go through each model at once (default: `default_tile_batch`).
+        """
+        return self.upscale_batch([image], **options)[0]
+
+    def upscale_batch(
         self,
-        image,
+        images: list,
         *,
         recipe: str = "default",
         color_fix: str | None = None,
@@ -225,15 +268,10 @@ class OneStepSRPipeline:
         vae_tile_overlap: int = 16,
         max_pixels: int | None = None,
         seed: int | None = None,
-    ) -> SRResult:
-        """Upscale x4. `image`: a path, PIL image, LoadedImage, or CHW float tensor in [0, 1].
-
-        recipe "default" (ours): inputs of any size are padded, never distorted; the output is
-        exactly 4x the input, alpha, grayscale and 16-bit kept; the VAE is tiled (128 latent px
-        unless `vae_tile_size` says otherwise). recipe "official": the release scripts' arithmetic,
-        8-bit RGB in and out, no VAE tiling unless `vae_tile_size` is given, TSD-SR's posterior
-        sampled with `seed` (unseeded upstream). Tile sizes are in latent pixels (8 image pixels each).
-        """
+        tile_batch: int | None = None,
+    ) -> list[SRResult]:
+        """Upscale several images (options as `__call__`); those of one processing size run as one batch,
+        for GPU throughput. Each result's timings are its batch's; the official recipe runs one image at a time."""
         if recipe not in RECIPES:
             raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
         color_fix = color_fix or self.default_color_fix
@@ -247,31 +285,53 @@ class OneStepSRPipeline:
             vae_tile_size = 128
         if vae_tile_size is not None and (vae_tile_size < 4 or vae_tile_overlap < 0 or vae_tile_overlap >= vae_tile_size):
             raise ValueError("need vae_tile_size >= 4 and 0 <= vae_tile_overlap < vae_tile_size")
-        loaded = as_loaded_image(image, max_pixels)
-        check_processed_size(loaded, recipe, max_pixels or DEFAULT_MAX_PIXELS)
+        if tile_batch is not None and tile_batch < 1:
+            raise ValueError("need tile_batch >= 1")
+        tile_batch = tile_batch or self.default_tile_batch()
+        loaded = [as_loaded_image(image, max_pixels) for image in images]
+        for one in loaded:
+            check_processed_size(one, recipe, max_pixels or DEFAULT_MAX_PIXELS)
+        prepare, finish = (self._official_input, self._official_output) if recipe == "official" else (self._input, self._output)
+        groups: dict = {}
+        for i, one in enumerate(loaded):
+            key = i if recipe == "official" else processing_size(*one.rgb.shape[-2:])
+            groups.setdefault(key, []).append(i)
+        args = (recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed)
+        results: list = [None] * len(loaded)
+        for indices in groups.values():
+            for i, result in zip(indices, self._upscale_group([loaded[i] for i in indices], prepare, finish, args, color_fix, tile_batch)):
+                results[i] = result
+        return results
+
+    def _upscale_group(self, loaded: list, prepare, finish, args, color_fix, tile_batch) -> list[SRResult]:
+        """Images of one processing size through the models together (fp16 overflow: the whole batch again)."""
         timings: dict = {}
         start = time.perf_counter()
-        prepare, finish = (self._official_input, self._official_output) if recipe == "official" else (self._input, self._output)
-        with out_of_memory_as_error(self.device):
+        with out_of_memory_as_error(self.device, "this image" if len(loaded) == 1 else f"this batch of {len(loaded)} images"):
             with timed(timings, "preprocess", self.device):
-                x, context = prepare(loaded)
-            args = (recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings)
-            y = self._run(x, *args)
+                x, contexts = self._prepare_batch(loaded, prepare)
+            y = self._run(x, *args, timings, tile_batch)
             if self.dtype == torch.float16 and self._fp16_failed(y, x):
                 retry = fallback_dtype(self.device)
-                warnings.warn(f"fp16 overflowed (NaN/inf or black output); switching to {dtype_name(retry)}", stacklevel=2)
+                warnings.warn(f"fp16 overflowed (NaN/inf or black output); switching to {dtype_name(retry)}", stacklevel=3)
                 self.to(dtype=retry)
                 for stage in ("encode", "transformer", "decode"):
                     timings.pop(stage)
-                x, context = prepare(loaded)
-                y = self._run(x, *args)
+                x, contexts = self._prepare_batch(loaded, prepare)
+                y = self._run(x, *args, timings, tile_batch)
         if not torch.isfinite(y).all():
-            raise NumericalError(f"the model produced NaN/inf in {dtype_name(self.dtype)}; check the weights")
+            raise NumericalError(f"the model produced NaN/inf in {self.precision}; check the weights")
         with timed(timings, "postprocess", self.device):
-            result = finish(y, loaded, context, color_fix)
+            results = [finish(y[i : i + 1], one, context, color_fix) for i, (one, context) in enumerate(zip(loaded, contexts))]
         timings["total"] = time.perf_counter() - start
-        result.timings, result.dtype = timings, dtype_name(self.dtype)
-        return result
+        for result in results:
+            result.timings, result.dtype, result.batch_size = dict(timings), self.precision, len(loaded)
+        return results
+
+    @staticmethod
+    def _prepare_batch(loaded: list, prepare) -> tuple[torch.Tensor, list]:
+        prepared = [prepare(one) for one in loaded]
+        return torch.cat([x for x, _ in prepared]), [context for _, context in prepared]
 
     def _input(self, loaded):
         """Ours: bicubic x4 (short side to 512 first), clamped, padded to the latent grid."""

@@ -1,0 +1,124 @@
+"""The faster paths give the same pictures: int8, auto precision, batched tiles and images, ONNX export and backend."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
+from tests.test_cli import cli, photo
+from tinysr import TinySRPipeline
+from tinysr import device as device_module
+from tinysr.device import resolve_precision
+from tinysr.errors import MissingWeightsError, UnsupportedOption
+from tinysr.onnx import OnnxPipeline, export_onnx
+from tinysr.pipelines import TSDSRPipeline, load_pipeline
+from tinysr.pipelines.base import processing_size
+from tinysr.tiling import tile_boxes
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+def tiny_tsdsr():
+    g = torch.Generator().manual_seed(1)
+    return TSDSRPipeline(make_sd3(), make_kl(), torch.randn(1, 5, 32, generator=g), torch.randn(1, 24, generator=g))
+
+
+def test_auto_precision_follows_the_device(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(device_module, "native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(device_module, "native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("auto", cuda) == "fp16" and resolve_precision("int8", cpu) == "int8"
+    with pytest.raises(UnsupportedOption, match="int8 runs on the CPU only"):
+        resolve_precision("int8", cuda)
+    with pytest.raises(UnsupportedOption, match="unknown precision 'int4'"):
+        resolve_precision("int4", cpu)
+
+
+def test_int8_is_close_to_fp32_saves_float_weights_and_switches_back(tmp_path):
+    pipe = TinySRPipeline(make_student(), make_tiny_vae())
+    image = random_image(48, 40)
+    ref = pipe(image, tile_size=16, tile_overlap=4).image
+    pipe.to(dtype="int8")
+    linears = [m for m in pipe.transformer.modules() if isinstance(m, (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear))]
+    assert linears and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
+    out = pipe(image, tile_size=16, tile_overlap=4)
+    assert out.dtype == "int8" and psnr(out.image, ref) >= 40 and not torch.equal(out.image, ref)
+    pipe.save_pretrained(tmp_path / "saved")  # the float weights, while int8 runs
+    again = load_pipeline(str(tmp_path / "saved"), dtype="fp32")
+    assert torch.equal(again(image, tile_size=16, tile_overlap=4).image, ref)
+    assert pipe.num_parameters() == again.num_parameters()
+    pipe.to(dtype="fp32")
+    assert torch.equal(pipe(image, tile_size=16, tile_overlap=4).image, ref)
+
+
+def test_batched_tiles_and_images_match_one_at_a_time():
+    pipe = TinySRPipeline(make_student(), make_tiny_vae())
+    images = [random_image(40, 56, seed=0), random_image(24, 20, seed=1), random_image(40, 56, seed=2)]
+    options = dict(tile_size=32, tile_overlap=4, vae_tile_size=32, vae_tile_overlap=4)
+    single = [pipe(image, **options, tile_batch=1) for image in images]
+    tiles = pipe(images[0], **options, tile_batch=5)
+    assert processing_size(40, 56) == (512, 716) and len(tile_boxes(64, 90, 32, 4, 2)) == 12  # so the first image is 12 tiles
+    assert (tiles.image - single[0].image).abs().max() < 1e-5
+    batch = pipe.upscale_batch(images, **options, tile_batch=3)
+    assert [r.batch_size for r in batch] == [2, 1, 2]
+    for one, together in zip(single, batch):
+        assert one.image.shape == together.image.shape and (one.image - together.image).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="tile_batch >= 1"):
+        pipe(images[0], tile_batch=0)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Tiny TinySR (through the CLI) and TSD-SR exported once each; torch.onnx's export takes ~20-40 s a model here."""
+    root = tmp_path_factory.mktemp("onnx")
+    pipes = {"tinysr": TinySRPipeline(make_student(), make_tiny_vae()), "tsdsr": tiny_tsdsr()}
+    torch_folder = pipes["tinysr"].save_pretrained(root / "torch-tinysr")
+    r = cli("export-onnx", torch_folder, "-o", root / "tinysr")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "transformer.onnx" in r.stdout and json.loads((root / "tinysr" / "onnx_pipeline.json").read_text())["pipeline"] == "TinySRPipeline"
+    return {"tinysr": (pipes["tinysr"], root / "tinysr"), "tsdsr": (pipes["tsdsr"], export_onnx(pipes["tsdsr"], root / "tsdsr"))}, torch_folder
+
+
+@pytest.mark.parametrize("name", ["tinysr", "tsdsr"])
+def test_onnx_backend_matches_torch_on_odd_sizes(exported, name):
+    pipe, folder = exported[0][name]
+    onnx = load_pipeline(str(folder), backend="onnx")
+    assert isinstance(onnx, OnnxPipeline) and onnx.num_parameters() == pipe.num_parameters()
+    assert onnx.default_color_fix == pipe.default_color_fix
+    for h, w, tile in [(40, 56, 16), (23, 17, 16), (30, 30, 64)]:  # tiled, smaller than a tile, one whole tile
+        image = random_image(h, w, seed=h)
+        a, b = pipe(image, tile_size=tile, tile_overlap=4).image, onnx(image, tile_size=tile, tile_overlap=4).image
+        assert a.shape == b.shape == (3, 4 * h, 4 * w) and (a - b).abs().max() < 1e-3
+    if name == "tsdsr":
+        with pytest.raises(UnsupportedOption, match="samples TSD-SR's VAE posterior"):
+            onnx(random_image(16, 16), recipe="official")
+    else:
+        with pytest.raises(MissingWeightsError, match="export-onnx"):
+            load_pipeline(str(exported[1]), backend="onnx")
+    with pytest.raises(UnsupportedOption, match="fp32"):
+        OnnxPipeline(folder, dtype="fp16")
+
+
+def test_cli_upscales_with_onnx_and_int8_in_batches(exported, tmp_path):
+    (pipe, folder), torch_folder = exported[0]["tinysr"], exported[1]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name, (h, w) in {"a": (40, 48), "b": (40, 48), "c": (28, 20)}.items():
+        photo(h, w, seed=len(name) + h).save(inputs / f"{name}.png")
+    common = ["--tile", "16", "--tile-overlap", "4", "--batch", "2"]
+    r = cli("upscale", inputs, "-o", tmp_path / "onnx", "--backend", "onnx", "--model", folder, *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("(batch of 2)") == 2 and r.stdout.count("[fp32]") == 3, r.stdout
+    for name in "abc":
+        expected = pipe(inputs / f"{name}.png", tile_size=16, tile_overlap=4).pil
+        a, b = np.asarray(expected, dtype=float), np.asarray(Image.open(tmp_path / "onnx" / f"{name}.png"), dtype=float)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1  # one 8-bit step from float rounding
+    r = cli("upscale", inputs, "-o", tmp_path / "int8", "--model", torch_folder, "--dtype", "int8", "--tile-batch", "4", *common)
+    assert r.returncode == 0 and r.stdout.count("[int8]") == 3 and r.stdout.count("(batch of 2)") == 2, r.stderr[-2000:]
