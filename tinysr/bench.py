@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .device import PeakMemory, dtype_name, half_dtype, pick_device, resolve_precision, synchronize
+from .device import PeakMemory, dtype_name, half_dtype, parse_dtype, pick_device, resolve_precision, synchronize
 from .models import TinyAutoencoder, TinySRTransformer
 from .pipelines import TinySRPipeline, TSDSRPipeline
 
@@ -109,6 +109,7 @@ def run_benchmark(
     }
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, out, out, generator=generator) * 2 - 1
+    results["matmul_gflops"] = {p: matmul_gflops(device, p, repeats) for p in precisions if p != "int8"}
     for name, pipe in pipes.items():
         params = pipe.num_parameters()
         entry = {"params": params, "macs": {}, "latency": {}}
@@ -139,6 +140,13 @@ def run_benchmark(
     for name in baselines:
         results.setdefault("baselines", {})[name] = time_baseline(name, image, device, precisions, repeats, log)
     return results
+
+
+def matmul_gflops(device, precision: str, repeats: int) -> float:
+    """This device's dense matmul rate in a float precision: the compute floor's denominator."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=parse_dtype(precision)) for _ in range(2))
+    return 2 * n**3 / time_fn(lambda: a @ b, device, max(repeats, 3)) / 1e9
 
 
 def time_stages(pipe, x, device, repeats) -> dict:
@@ -211,6 +219,15 @@ def format_table(r: dict) -> str:
     for dtype in models[0]["latency"]:
         for stage in ("encode", "transformer", "decode", "total"):
             row(f"latency {dtype} {stage} (s)", [m["latency"][dtype][stage] for m in models], lambda v: f"{v:.3f}")
+    for precision, gflops in r.get("matmul_gflops", {}).items():
+        floors = [2 * sum(m["macs"].values()) / (gflops * 1e9) for m in models]
+        row(f"compute floor {precision} (s, {gflops:.0f} GFLOP/s)", floors, lambda v: f"{v:.3f}")
+        row(f"latency / floor {precision}", [m["latency"][precision]["total"] / f for m, f in zip(models, floors)], lambda v: f"{v:.2f}x")
+        vae = [(m["latency"][precision]["encode"] + m["latency"][precision]["decode"]) * gflops * 1e9 / (2 * (m["macs"]["encode"] + m["macs"]["decode"]))
+               for m in models]
+        row(f"  VAE latency / floor {precision}", vae, lambda v: f"{v:.2f}x")
+        row(f"  transformer latency / floor {precision}",
+            [m["latency"][precision]["transformer"] * gflops * 1e9 / (2 * m["macs"]["transformer"]) for m in models], lambda v: f"{v:.2f}x")
     lines.append("-" * len(header))
     ratios = r["ratios"]
     lines.append(

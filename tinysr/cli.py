@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .color import COLOR_FIXES
 from .device import DTYPES, PRECISIONS, is_out_of_memory, out_of_memory_message, pick_device
-from .errors import TinySRError
+from .errors import TinySRError, missing_extra_message
 from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
 from .metrics import DEFAULT_METRICS, METRICS
 from .official import RECIPES
@@ -152,6 +152,7 @@ def add_convert(sub):
 
 def run_convert(args) -> int:
     from .pipelines import TinySRPipeline, TSDSRPipeline
+    from .release import converted_model_card
     from .weights import SD3_MEDIUM
 
     if args.kind == "tinysr":
@@ -164,7 +165,8 @@ def run_convert(args) -> int:
             print("error: convert tsdsr needs --lora DIR and --embeds DIR", file=sys.stderr)
             return 2
         pipe = TSDSRPipeline.from_release(args.sd3 or SD3_MEDIUM, args.lora, args.embeds, device="cpu")
-    folder = pipe.save_pretrained(args.output, dtype=args.dtype, push_to_hub=args.push_to_hub)
+    card = converted_model_card(args.kind, source=args.release if args.kind == "tinysr" else args.lora, base=args.sd3 or SD3_MEDIUM)
+    folder = pipe.save_pretrained(args.output, dtype=args.dtype, push_to_hub=args.push_to_hub, model_card=card)
     params = pipe.num_parameters()
     print(f"wrote {folder} ({args.dtype}; transformer {params['transformer'] / 1e6:.1f} M, vae {params['vae'] / 1e6:.2f} M params)")
     if args.push_to_hub:
@@ -351,6 +353,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ImportError as e:
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     except Exception as e:
         if not is_out_of_memory(e):
             raise

@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
 
+from .errors import require
 from .models import TinySRTransformer
 
 
 def effective_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weight and bias of a Linear/Conv2d with any active, unmerged LoRA adapters added in."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if not isinstance(module, BaseTunerLayer):
+    if not isinstance(module, require("peft.tuners.tuners_utils").BaseTunerLayer):
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
     base = module.get_base_layer()
     weight = base.weight.detach().clone()

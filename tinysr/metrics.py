@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
-NIQE_PARAMS = Path(__file__).resolve().parents[1] / "assets" / "niqe_modelparameters.mat"
+from .errors import missing_extra_message
+from .weights import ASSETS
+
+NIQE_PARAMS = ASSETS / "niqe_modelparameters.mat"
 
 
 def torch_hub_dir() -> Path:
@@ -106,7 +109,7 @@ class MetricSuite:
 
             self._metrics[name] = pyiqa.create_metric(spec.pyiqa_name, device=self.device, **kwargs)
         except Exception as e:  # pyiqa raises URLError, OSError, RuntimeError or ImportError for absent weights
-            detail = "; ".join(missing) if missing else f"{type(e).__name__}: {e}"
+            detail = "; ".join(missing) if missing else (isinstance(e, ImportError) and missing_extra_message(e)) or f"{type(e).__name__}: {e}"
             self.unavailable[name] = f"could not load ({detail})"
             return None
         return self._metrics[name]

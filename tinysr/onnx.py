@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from .device import pick_device
-from .errors import MissingWeightsError, UnsupportedOption, WrongModelError
+from .errors import MissingWeightsError, UnsupportedOption, WrongModelError, require
 from .pipelines.base import OneStepSRPipeline, vae_decode, vae_downscale, vae_encode
 
 CONFIG_NAME = "onnx_pipeline.json"
@@ -34,6 +34,7 @@ def export_onnx(pipe: OneStepSRPipeline, folder: str | os.PathLike, opset: int =
     """Write transformer.onnx, vae_encoder.onnx, vae_decoder.onnx and onnx_pipeline.json (fp32 graphs)."""
     from torch.export import Dim
 
+    require("onnxscript")  # torch.onnx's exporter
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.to("cpu", "fp32")
@@ -81,8 +82,7 @@ class OnnxStage:
     """An onnxruntime session called like the torch module it was exported from."""
 
     def __init__(self, path: Path, providers: list[str]):
-        import onnxruntime as ort
-
+        ort = require("onnxruntime")
         self.session = ort.InferenceSession(str(path), providers=providers)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +121,7 @@ class OnnxPipeline(OneStepSRPipeline):
         self.precision, self.dtype = "fp32", torch.float32
         providers = ["CPUExecutionProvider"]
         if self.device.type == "cuda":
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
+            if "CUDAExecutionProvider" not in require("onnxruntime").get_available_providers():
                 raise UnsupportedOption("onnxruntime here has no CUDA provider; install onnxruntime-gpu or use --device cpu")
             providers.insert(0, "CUDAExecutionProvider")
         elif self.device.type != "cpu":

@@ -299,3 +299,38 @@ def is_tinysr_release(folder: Path) -> bool:
     """An official TinySR checkpoint folder (tinybackbone/..., tinysr/, vae/)."""
     return (folder / TINYSR_RELEASE_TRANSFORMER / "config.json").is_file()
 
+
+
+SD3_LICENSE = ("other", "stabilityai-ai-community", "https://huggingface.co/stabilityai/stable-diffusion-3-medium/blob/main/LICENSE.md")
+
+
+def converted_model_card(kind: str, source: str, base: str) -> str:
+    """The README.md `convert` writes beside converted weights: what they are, their base model and the licences that bind them."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
+    license_id, license_name, license_link = SD3_LICENSE
+    data = ModelCardData(
+        license=license_id, license_name=license_name, license_link=license_link, base_model=SD3_MEDIUM,
+        library_name="tinysr", pipeline_tag="image-to-image", tags=["super-resolution", "one-step-diffusion", kind],
+    )
+    what = {
+        "tinysr": "TinySR (the authors' pruned, condition-free SD3 transformer with their tiny VAE; LoRA merged, modulation folded)",
+        "tsdsr": f"TSD-SR (SD3-medium from `{base}` with TSD-SR's LoRA merged into the transformer and VAE, and its cached prompt)",
+    }[kind]
+    body = f"""
+# {what}
+
+Converted with `python -m tinysr convert {kind}` (tinysr {__version__}) from the official release at `{source}`
+into tinysr's single-folder format (`model_index.json`, `transformer/`, `vae/`, safetensors). Load it with
+`tinysr.load_pipeline("PATH_OR_REPO")` or `python -m tinysr upscale IMAGE -o OUT --model PATH_OR_REPO`.
+
+## Licence
+
+These weights derive from Stable Diffusion 3 medium (`{SD3_MEDIUM}`):
+the Stability AI Community License ({license_link}) applies to them, together with the terms under which the
+{"TinySR" if kind == "tinysr" else "TSD-SR"} authors released their checkpoint. Whoever uses or redistributes
+this folder accepts both. The tinysr code that converted them is Apache-2.0.
+"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -7,10 +7,19 @@ The same command runs under `accelerate launch -m trainer ...` on several GPUs o
 import argparse
 import sys
 
-from .config import CHAIN, STAGES, ConfigError, check, load_config
+TRAIN_EXTRA = "training needs the train extra: pip install 'tinysr[train]'"
 
 
 def main(argv=None) -> int:
+    try:
+        from .config import CHAIN, STAGES, ConfigError, check, load_config
+    except ImportError as e:  # a core install: say what to install, --help still works
+        parser = argparse.ArgumentParser(prog="tinysr-train", description=f"{__doc__}\n{TRAIN_EXTRA} ({e.name} is missing).",
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("stage")
+        parser.parse_known_args(argv)
+        print(f"error: {TRAIN_EXTRA} ({e.name} is missing)", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=[*STAGES, "all"])
     parser.add_argument("--config", required=True, help="YAML file, e.g. trainer/configs/demo.yaml")

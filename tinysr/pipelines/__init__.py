@@ -1,17 +1,16 @@
 """Pipelines, and `load_pipeline`, which turns a model name, folder or hub id into one."""
 
 import os
-from pathlib import Path
 
 from ..errors import MissingWeightsError, WrongModelError
 from ..release import is_tinysr_release
-from ..weights import SD3_MEDIUM, read_json, resolve_folder
+from ..weights import ASSETS, SD3_MEDIUM, read_json, resolve_folder
 from .base import OneStepSRPipeline, SRResult
 from .tinysr import TinySRPipeline
 from .tsdsr import TSDSRPipeline
 
 PIPELINES = {cls.model_index_name: cls for cls in (TinySRPipeline, TSDSRPipeline)}
-BUNDLED = Path(__file__).resolve().parents[2] / "assets" / "weights"
+BUNDLED = ASSETS / "weights"
 
 # name -> (environment variable for a folder or hub id in our format, bundled demo folder)
 NAMED_MODELS = {

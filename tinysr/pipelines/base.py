@@ -377,8 +377,8 @@ class OneStepSRPipeline:
         return not bool(torch.isfinite(y).all()) or (float(y.std()) < 1e-4 and float(x.float().std()) > 1e-3)
 
     # ----- storage -----
-    def save_pretrained(self, folder, *, dtype: str | None = None, push_to_hub: str | None = None, token=None) -> Path:
-        """Our single-folder format: model_index.json + one subfolder per component (safetensors)."""
+    def save_pretrained(self, folder, *, dtype: str | None = None, push_to_hub: str | None = None, token=None, model_card: str | None = None) -> Path:
+        """Our single-folder format: model_index.json + one subfolder per component (safetensors), README.md from `model_card`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, module in self.modules().items():
@@ -391,6 +391,8 @@ class OneStepSRPipeline:
         index = {"_class_name": self.model_index_name}
         index.update({name: [type(m).__module__.split(".")[0], type(m).__name__] for name, m in self.modules().items()})
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if model_card is not None:
+            (folder / "README.md").write_text(model_card)
         if push_to_hub:
             from huggingface_hub import HfApi
 
