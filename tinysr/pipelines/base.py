@@ -251,7 +251,7 @@ class OneStepSRPipeline:
         exactly 4x the input, alpha, grayscale and 16-bit kept; the VAE is tiled (128 latent px
         unless `vae_tile_size` says otherwise). recipe "official": the release scripts' arithmetic,
         8-bit RGB in and out, no VAE tiling unless `vae_tile_size` is given, TSD-SR's posterior
-        sampled with `seed` (unseeded upstream). Tile sizes are in latent pixels (8 image pixels each);
+        sampled with `seed` (unseeded upstream). Tile sizes are in latent pixels (8 image pixels each; `tile_size` defaults to 64, or less if the position table covers less);
         `tile_batch` tiles go through each model at once (default: `default_tile_batch`).
         """
         return self.upscale_batch([image], **options)[0]
@@ -262,7 +262,7 @@ class OneStepSRPipeline:
         *,
         recipe: str = "default",
         color_fix: str | None = None,
-        tile_size: int = 64,
+        tile_size: int | None = None,
         tile_overlap: int = 8,
         vae_tile_size: int | None = None,
         vae_tile_overlap: int = 16,
@@ -277,6 +277,7 @@ class OneStepSRPipeline:
         color_fix = color_fix or self.default_color_fix
         if color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix {color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
+        tile_size = tile_size or min(64, self.max_latent_tile)  # 64: the release scripts' tile, when the position table covers it
         if tile_size < 2 * self.latent_multiple or tile_overlap < 0 or tile_overlap >= tile_size:
             raise ValueError(f"need tile_size >= {2 * self.latent_multiple} and 0 <= tile_overlap < tile_size")
         if recipe == "official" and tile_size > self.max_latent_tile:
