@@ -210,7 +210,7 @@ REALESRGAN_FIRST_FIVE = {
 def test_realesrgan_first_five_realsr(esrgan):
     root = data_dir("RealSR")
     suite = MetricSuite(["psnr", "ssim"], device="cpu")
-    for name, (psnr, ssim) in REALESRGAN_FIRST_FIVE.items():
+    for name, (psnr, ssim) in list(REALESRGAN_FIRST_FIVE.items())[:2]:  # two of the five (~20 s each here); the slow run has all
         sr = esrgan(read_rgb(root / "test_LR" / name)[0]).image[None]
         score = suite.score(quantize(sr), read_rgb(root / "test_HR" / name))
         assert abs(score["psnr"] - psnr) < 0.01, (name, score)

@@ -24,6 +24,17 @@ def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "tinysr", *map(str, args)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
 
 
+def main_in_process(capsys, *args):
+    """The CLI's main() in this process: the same code without a subprocess's ~10-20 s of imports."""
+    from types import SimpleNamespace
+
+    from tinysr.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
 def photo(h, w, seed=0):
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8)
@@ -66,7 +77,7 @@ def test_upscale_folder_keeps_orientation_alpha_and_depth(tiny_folder, inputs, t
     assert again.returncode == 0 and "skip" in again.stderr
 
 
-def test_official_recipe_from_upscale_and_eval(tmp_path):
+def test_official_recipe_from_upscale_and_eval(tmp_path, capsys):
     """--recipe official writes the pipeline's official-recipe PNG; `eval --model` takes the same options."""
     lr = tmp_path / "lr"
     lr.mkdir()
@@ -80,7 +91,7 @@ def test_official_recipe_from_upscale_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     again = load_pipeline("tsdsr")(str(lr / "a.png"), recipe="official", seed=3, tile_size=32).pil
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ev" / "a.png")), np.asarray(again))
-    r = cli("upscale", lr / "a.png", "-o", tmp_path / "bi", "--model", "bicubic", "--recipe", "official")
+    r = main_in_process(capsys, "upscale", lr / "a.png", "-o", tmp_path / "bi", "--model", "bicubic", "--recipe", "official")
     assert r.returncode == 2 and "bicubic has only the default" in r.stderr
 
 
@@ -129,11 +140,11 @@ def test_out_of_memory_is_a_sentence(tiny_folder, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_missing_model_and_no_images(tmp_path):
-    r = cli("upscale", tmp_path, "-o", tmp_path / "o", "--model", tmp_path / "nope")
+def test_missing_model_and_no_images(tmp_path, capsys):
+    r = main_in_process(capsys, "upscale", tmp_path, "-o", tmp_path / "o", "--model", tmp_path / "nope")
     assert r.returncode == 2 and "no images" in r.stderr
     photo(16, 16).save(tmp_path / "a.png")
-    r = cli("upscale", tmp_path / "a.png", "-o", tmp_path / "o", "--model", tmp_path / "nope")
+    r = main_in_process(capsys, "upscale", tmp_path / "a.png", "-o", tmp_path / "o", "--model", tmp_path / "nope")
     assert r.returncode == 2 and "missing weights" in r.stderr and str(tmp_path / "nope") in r.stderr
     assert "Traceback" not in r.stderr
 
@@ -147,7 +158,7 @@ def test_load_image_rejects_before_decoding(tmp_path):
         load_image(tmp_path / "absent.png")
 
 
-def test_convert_official_release_then_upscale(tmp_path):
+def test_convert_official_release_then_upscale(tmp_path, capsys):
     official_release(tmp_path / "release", dtype=torch.float16)  # prune_merge.py saves fp16
     out = tmp_path / "converted"
     r = cli("convert", "tinysr", "--release", tmp_path / "release", "-o", out, "--dtype", "fp32")
@@ -163,7 +174,7 @@ def test_convert_official_release_then_upscale(tmp_path):
 
     with safe_open(out / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as f:
         assert f.get_tensor("proj_out.weight").dtype.itemsize == 2  # fp16 on disk
-    r = cli("convert", "tinysr", "--release", tmp_path / "nothing", "-o", out)
+    r = main_in_process(capsys, "convert", "tinysr", "--release", tmp_path / "nothing", "-o", out)
     assert r.returncode == 2 and "prune-12-merge-tinysr" in r.stderr
 
 

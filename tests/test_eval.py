@@ -111,11 +111,11 @@ def small_set(tmp_path, n=4):
 
 
 @needs_data
-@pytest.mark.parametrize("processes", [1, 2])
-def test_eval_runs_a_model_first_also_split_over_processes(tmp_path, processes):
+def test_eval_runs_a_model_first_split_over_two_processes(tmp_path):
+    """Two processes under accelerate (one process: test_cli's official-recipe eval)."""
     lr, gt = small_set(tmp_path)
     args = ["-m", "tinysr", "eval", "--model", "bicubic", "--lr", lr, "--gt", gt, "--out", tmp_path / "sr", "--metrics", "psnr,ssim", "--json", tmp_path / "m.json"]
-    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     r = subprocess.run([*launcher, *map(str, args)], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

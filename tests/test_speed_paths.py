@@ -1,5 +1,7 @@
 """The faster paths give the same pictures: int8, auto precision, batched tiles and images, ONNX export and backend."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -8,9 +10,10 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
-from tests.test_cli import cli, photo
+from tests.test_cli import cli, main_in_process, photo
 from tinysr import TinySRPipeline
 from tinysr import device as device_module
+from tinysr.cli import main
 from tinysr.device import resolve_precision
 from tinysr.errors import MissingWeightsError, UnsupportedOption
 from tinysr.onnx import OnnxPipeline, export_onnx
@@ -76,13 +79,14 @@ def test_batched_tiles_and_images_match_one_at_a_time():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Tiny TinySR (through the CLI) and TSD-SR exported once each; torch.onnx's export takes ~20-40 s a model here."""
+    """Tiny TinySR (through the CLI's main) and TSD-SR exported once each; torch.onnx's export takes ~20-40 s a model here."""
     root = tmp_path_factory.mktemp("onnx")
     pipes = {"tinysr": TinySRPipeline(make_student(), make_tiny_vae()), "tsdsr": tiny_tsdsr()}
     torch_folder = pipes["tinysr"].save_pretrained(root / "torch-tinysr")
-    r = cli("export-onnx", torch_folder, "-o", root / "tinysr")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "transformer.onnx" in r.stdout and json.loads((root / "tinysr" / "onnx_pipeline.json").read_text())["pipeline"] == "TinySRPipeline"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["export-onnx", str(torch_folder), "-o", str(root / "tinysr")]) == 0
+    assert "transformer.onnx" in printed.getvalue() and json.loads((root / "tinysr" / "onnx_pipeline.json").read_text())["pipeline"] == "TinySRPipeline"
     return {"tinysr": (pipes["tinysr"], root / "tinysr"), "tsdsr": (pipes["tsdsr"], export_onnx(pipes["tsdsr"], root / "tsdsr"))}, torch_folder
 
 
@@ -106,7 +110,7 @@ def test_onnx_backend_matches_torch_on_odd_sizes(exported, name):
         OnnxPipeline(folder, dtype="fp16")
 
 
-def test_cli_upscales_with_onnx_and_int8_in_batches(exported, tmp_path):
+def test_cli_upscales_with_onnx_and_int8_in_batches(exported, tmp_path, capsys):
     (pipe, folder), torch_folder = exported[0]["tinysr"], exported[1]
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -120,5 +124,5 @@ def test_cli_upscales_with_onnx_and_int8_in_batches(exported, tmp_path):
         expected = pipe(inputs / f"{name}.png", tile_size=16, tile_overlap=4).pil
         a, b = np.asarray(expected, dtype=float), np.asarray(Image.open(tmp_path / "onnx" / f"{name}.png"), dtype=float)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1  # one 8-bit step from float rounding
-    r = cli("upscale", inputs, "-o", tmp_path / "int8", "--model", torch_folder, "--dtype", "int8", "--tile-batch", "4", *common)
+    r = main_in_process(capsys, "upscale", inputs, "-o", tmp_path / "int8", "--model", torch_folder, "--dtype", "int8", "--tile-batch", "4", *common)
     assert r.returncode == 0 and r.stdout.count("[int8]") == 3 and r.stdout.count("(batch of 2)") == 2, r.stderr[-2000:]
