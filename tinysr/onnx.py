@@ -31,7 +31,9 @@ class _Stage(torch.nn.Module):
 
 
 def export_onnx(pipe: OneStepSRPipeline, folder: str | os.PathLike, opset: int = 18) -> Path:
-    """Write transformer.onnx, vae_encoder.onnx, vae_decoder.onnx and onnx_pipeline.json (fp32 graphs)."""
+    """Write transformer.onnx, vae_encoder.onnx, vae_decoder.onnx and onnx_pipeline.json (fp32 graphs).
+
+    The pipeline is left on the CPU in fp32 (its float weights are what is exported)."""
     from torch.export import Dim
 
     require("onnxscript")  # torch.onnx's exporter
