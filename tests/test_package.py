@@ -96,7 +96,7 @@ def test_fresh_environment_without_extras_upscales(wheel, tmp_path):
     cwd = tmp_path  # not the checkout: the bundled weights must come from the installed package
     example = ROOT / "assets" / "examples" / "red_flower.png"
     r = run(env_dir / "bin" / "tinysr", "upscale", example, "-o", tmp_path / "out", env=env, cwd=cwd)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 and "accelerate" not in r.stderr, r.stderr[-3000:]  # no advice to install what the core does not need
     from PIL import Image
 
     with Image.open(example) as lr, Image.open(tmp_path / "out" / "red_flower.png") as sr:

@@ -4,6 +4,7 @@ Every missing file raises one `MissingWeightsError` naming the file, the places 
 how to get it; every folder holding the wrong model raises `WrongModelError`.
 """
 
+import importlib.util
 import json
 import os
 import pickle
@@ -103,7 +104,11 @@ def load_component(folder: Path, subfolder: str, classes: dict, dtype: torch.dty
             "The folder is incomplete; re-download or re-convert it.",
         )
     try:
-        model, info = classes[name].from_pretrained(folder, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True)
+        # without accelerate (a core install) diffusers loads the plain way anyway; saying so up front spares users its warning
+        low_memory = importlib.util.find_spec("accelerate") is not None
+        model, info = classes[name].from_pretrained(
+            folder, subfolder=subfolder, torch_dtype=dtype, output_loading_info=True, low_cpu_mem_usage=low_memory
+        )
     except (ValueError, RuntimeError, OSError) as e:
         raise WrongModelError(f"{folder / subfolder}: weights do not fit its {name} config ({e})") from None
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
