@@ -183,7 +183,7 @@ def throughput(pipe, x, batch: int, device, repeats, log, name) -> dict:
     return {"images_per_s": batch / seconds, "seconds": seconds, "peak_gb": peak.peak_bytes / 2**30, "memory": peak.kind}
 
 
-def time_baseline(name: str, image: torch.Tensor, device, dtypes, repeats: int, log=print) -> dict:
+def time_baseline(name: str, image: torch.Tensor, device, precisions, repeats: int, log=print) -> dict:
     """A baseline's network (untiled, as one tile at this size) on the bicubic model path's input size, x4."""
     from .baselines import load_baseline
 
@@ -191,7 +191,7 @@ def time_baseline(name: str, image: torch.Tensor, device, dtypes, repeats: int, 
     lr = torch.nn.functional.interpolate((image + 1) / 2, scale_factor=0.25, mode="area").to(device)
     fn = upscaler.network
     entry = {"params": sum(upscaler.num_parameters().values()), "macs": count_macs(lambda: fn(lr.contiguous(memory_format=torch.channels_last))), "latency": {}}
-    for precision in dtypes:
+    for precision in precisions:
         if precision == "int8":  # ours quantizes transformers; the baseline is a convolutional network
             continue
         upscaler.to(dtype=precision)

@@ -93,7 +93,7 @@ def run_upscale(args) -> int:
         batch = list(pending)
         pending.clear()
         try:
-            results = pipe.upscale_batch([loaded for _, _, loaded in batch], **options) if len(batch) > 1 else [pipe(batch[0][2], **options)]
+            results = pipe.upscale_batch([loaded for _, _, loaded in batch], **options)
         except (TinySRError, ValueError) as e:
             failures += len(batch)
             tqdm.write(f"error: {', '.join(p.name for p, _, _ in batch)}: {e}" if len(batch) > 1 else f"error: {e}", file=sys.stderr)

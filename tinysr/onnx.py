@@ -65,7 +65,6 @@ def export_onnx(pipe: OneStepSRPipeline, folder: str | os.PathLike, opset: int =
         "default_color_fix": pipe.default_color_fix,
         "official_clamps_input": pipe.official_clamps_input,
         "samples_posterior": type(pipe.vae).__name__ == "AutoencoderKL",
-        "latent_channels": channels,
         "latent_multiple": multiple,
         "max_latent_tile": pipe.max_latent_tile,
         "vae_downscale": down,

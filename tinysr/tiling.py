@@ -66,10 +66,10 @@ def tiled_map(
     boxes = tile_boxes(height, width, tile, overlap, align)
     if len(boxes) == 1:
         return fn(x)
-    n = x.shape[0]
+    n, batch = x.shape[0], max(batch, 1)
     out = weight_sum = None
-    for group in range(0, len(boxes), max(batch, 1)):
-        chunk = boxes[group : group + max(batch, 1)]
+    for group in range(0, len(boxes), batch):
+        chunk = boxes[group : group + batch]
         s = x_scale
         crops = [x[..., top * s : (top + th) * s, left * s : (left + tw) * s] for top, left, th, tw in chunk]
         ys = fn(crops[0] if len(crops) == 1 else torch.cat(crops)).float().split(n)

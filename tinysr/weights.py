@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from .errors import MissingWeightsError, WrongModelError
 
 # bundled files: the installed package's tinysr/assets (pyproject maps the repository's assets/ there), else the checkout's
-ASSETS = next((p for p in (Path(__file__).parent / "assets", Path(__file__).resolve().parents[1] / "assets") if p.is_dir()), Path("assets"))
+_PACKAGED = Path(__file__).resolve().parent / "assets"
+ASSETS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "assets"
 SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
 HUB_HINT = (
     "Pass a local folder, or a hub repo id (needs network access; set HF_TOKEN for gated repos such as "

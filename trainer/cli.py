@@ -7,18 +7,21 @@ The same command runs under `accelerate launch -m trainer ...` on several GPUs o
 import argparse
 import sys
 
-TRAIN_EXTRA = "training needs the train extra: pip install 'tinysr[train]'"
+from tinysr.errors import missing_extra_message
 
 
 def main(argv=None) -> int:
     try:
         from .config import CHAIN, STAGES, ConfigError, check, load_config
     except ImportError as e:  # a core install: say what to install, --help still works
-        parser = argparse.ArgumentParser(prog="tinysr-train", description=f"{__doc__}\n{TRAIN_EXTRA} ({e.name} is missing).",
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        parser = argparse.ArgumentParser(prog="tinysr-train", description=f"{__doc__}\nTraining: {message}.",
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("stage")
         parser.parse_known_args(argv)
-        print(f"error: {TRAIN_EXTRA} ({e.name} is missing)", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=[*STAGES, "all"])

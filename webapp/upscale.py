@@ -74,7 +74,8 @@ def slider_pair(images: dict, view: str):
 
 @sentences
 def compare(
-    path, left, right, color_fix="model default", tile=64, overlap=8, precision="auto", gt_path=None, view="left | right",
+    path, left, right, color_fix=DEFAULT_OPTIONS["color_fix"], tile=DEFAULT_OPTIONS["tile"], overlap=DEFAULT_OPTIONS["overlap"],
+    precision=DEFAULT_OPTIONS["precision"], gt_path=None, view="left | right",
     recipe="default",
 ):
     """Upscale with two models; returns slider, reports, downloads and the images for other slider views."""
@@ -117,7 +118,7 @@ def centre_crop(rgb: torch.Tensor, max_side: int) -> torch.Tensor:
 
 
 @sentences
-def degrade_and_restore(path, seed, strength, left, right, precision="auto"):
+def degrade_and_restore(path, seed, strength, left, right, precision=DEFAULT_OPTIONS["precision"]):
     clean = read_upload(path, "a clean photo")
     hr = centre_crop(clean.rgb, DEGRADE_MAX_SIDE)
     config = DegradationConfig(hflip_prob=0.0).with_strength(float(strength))
