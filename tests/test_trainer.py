@@ -52,7 +52,7 @@ def workspace(tmp_path_factory):
             "prune-search": {**TINY_STAGE, "steps": 6, "lr": 1e-3, "w_l1": 1.0, "w_lpips": 1.0},
             "prune-export": {},
             "distill-1": {**TINY_STAGE, "steps": 12, "lr": 1e-3, "w_l1": 1.0, "checkpoint_every": 4},
-            "distill-2": {**TINY_STAGE, "steps": 4, "lr": 1e-4, "w_l1": 5.0, "w_lpips": 1.0, "w_gan": 0.3},
+            "distill-2": {**TINY_STAGE, "steps": 4, "lr": 1e-4, "w_l1": 5.0, "w_lpips": 1.0, "w_gan": 0.3, "lattice_period": 8},
             "export": {},
             "token-prune": {},
         },
@@ -93,6 +93,8 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
     assert trainer_main(["distill-1", "--config", str(cfg), "stages.distill-1.lr=-1"]) == 2
     with pytest.raises(ConfigError, match="constant has no warm-up"):
         check(load_config(cfg, ["stages.distill-1.lr_warmup_steps=10"]), ["distill-1"])
+    with pytest.raises(ConfigError, match="lattice_period must be 0 .off. or divide 32"):
+        check(load_config(cfg, ["stages.distill-2.lattice_period=12"]), ["distill-2"])
     with pytest.raises(ConfigError, match="disc_condition needs discriminator: dino-projected"):
         check(load_config(cfg, ["stages.distill-2.disc_condition=dinov2-cls"]), ["distill-2"])
 

@@ -98,6 +98,7 @@ class StageConfig:
     w_kl: float = 0.0
     w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
+    lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (losses.without_lattice)
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
     decoder_input: str = "lq"  # Eq. A.2 decodes LR latents; `hq` decodes HR latents
@@ -220,6 +221,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}: need 0 <= ema_decay < 1, lr_warmup_steps >= 0 and weight decays >= 0")
         if s.lr_warmup_steps and s.lr_scheduler == "constant":
             raise ConfigError(f"stages.{stage}: lr_scheduler constant has no warm-up; use constant_with_warmup or set lr_warmup_steps: 0")
+        if s.lattice_period < 0 or (s.lattice_period and 32 % s.lattice_period):
+            raise ConfigError(f"stages.{stage}.lattice_period must be 0 (off) or divide 32 (crops are multiples of 32), got {s.lattice_period}")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
