@@ -1,4 +1,4 @@
-"""`without_lattice`: what LPIPS is shown when a stage sets lpips_lattice_period (the demo's grid fix)."""
+"""`without_lattice`: what LPIPS is shown when a stage sets lattice_period (the demo's grid fix)."""
 
 import pytest
 import torch

@@ -123,15 +123,16 @@ def hinge_g_loss(fake_logits):
 
 
 def without_lattice(x: torch.Tensor, period: int) -> torch.Tensor:
-    """`x` less its mean `period`-periodic pattern (the image's energy at every multiple of its lattice frequency).
+    """`x` less its mean `period`-periodic pattern: exactly its energy at the multiples of that frequency.
 
     A perceptual network reads a dot grid at the transformer's token period as texture and rewards it;
-    shown images without that component, it has no gradient that could draw one.
+    shown images without that component, its gradient has nothing at those frequencies, so it cannot
+    draw a grid that repeats across the crop (one that changes from token to token it still could).
     """
     n, c, h, w = x.shape
-    pattern = x.unflatten(2, (h // period, period)).unflatten(4, (w // period, period)).mean((2, 4), keepdim=True)
-    pattern = pattern - pattern.mean((3, 5), keepdim=True)
-    return (x.unflatten(2, (h // period, period)).unflatten(4, (w // period, period)) - pattern).flatten(4, 5).flatten(2, 3)
+    blocks = x.unflatten(2, (h // period, period)).unflatten(4, (w // period, period))
+    pattern = blocks.mean((2, 4), keepdim=True)
+    return (blocks - (pattern - pattern.mean((3, 5), keepdim=True))).reshape(n, c, h, w)
 
 
 def image_losses(image, gt, s, lpips: nn.Module | None, disc: nn.Module | None, logs: dict):
