@@ -21,7 +21,7 @@ from tinysr.official import RECIPES
 from trainer.config import STAGES
 from trainer.launch import PRECISIONS, RUNS, available_configs
 from webapp import about, benchmark, training, upscale
-from webapp.common import EXAMPLES, MODELS, NR_METRICS, OUTPUTS, ImageUpload, model_label, warm_up, warming
+from webapp.common import EXAMPLES, MODELS, NR_METRICS, OUTPUTS, ImageUpload, keep_page_files, model_label, warm_up, warming
 from webapp.paths import data_roots
 
 try:
@@ -35,6 +35,8 @@ except ImportError:
 
 
 UPLOAD_LIMIT = os.environ.get("TINYSR_MAX_UPLOAD", "50mb")  # gradio refuses larger uploads before they reach us
+# gradio keeps each visitor's copy of the page (1-4 MB measured) until this many are held; the oldest go first
+SESSIONS = int(os.environ.get("TINYSR_SESSIONS", 200))
 WARM_MODELS = ["tinysr", "tsdsr"]
 
 
@@ -49,7 +51,7 @@ def upscale_tab(choices):
     with gr.Row():
         with gr.Column():
             image = ImageUpload(type="filepath", label="Low-resolution input", sources=["upload", "clipboard"], elem_id="lr-input")
-            gr.Examples(EXAMPLES, inputs=image)
+            gr.Examples(EXAMPLES, inputs=image, elem_id="examples")
         with gr.Column():
             left = gr.Dropdown(choices, value="tinysr", label="Left model")
             right = gr.Dropdown(choices, value="tsdsr", label="Right model")
@@ -76,14 +78,14 @@ def upscale_tab(choices):
         with gr.Column():
             report_right = gr.Markdown(elem_id="report-right")
             file_right = gr.File(label="Download right")
-    images = gr.State({})
+    shown = gr.State({})
     run.click(
         gpu(upscale.compare),
         [image, left, right, color_fix, tile, overlap, precision, gt, view, recipe],
-        [slider, report_left, report_right, file_left, file_right, images],
+        [slider, report_left, report_right, file_left, file_right, shown],
         api_name="compare",
     )
-    view.change(upscale.change_view, [images, view], slider, api_name=False)
+    view.change(upscale.change_view, [shown, view], slider, api_name=False)
     # /upscale: one image, one model, for gradio_client users (not shown in the page)
     with gr.Group(visible=False):
         api_image = ImageUpload(type="filepath")
@@ -217,6 +219,14 @@ def auth_pairs() -> list[tuple[str, str]] | None:
     return pairs
 
 
+def serve(demo: gr.Blocks, **launch_options) -> None:
+    keep_page_files(demo.get_config_file())
+    demo.queue(default_concurrency_limit=1, max_size=32).launch(
+        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), allowed_paths=[str(OUTPUTS)], auth=auth_pairs(),
+        max_file_size=UPLOAD_LIMIT, state_session_capacity=SESSIONS, **launch_options,
+    )
+
+
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
     # a training job runs in a session of its own: stop it when the app goes, on Ctrl-C or SIGTERM alike
@@ -225,7 +235,4 @@ if __name__ == "__main__":
     # gradio's cache (uploads, the results it serves) inside our outputs folder, so one cap bounds both
     os.environ.setdefault("GRADIO_TEMP_DIR", str(OUTPUTS / "gradio"))
     warm_up(WARM_MODELS, tuple(NR_METRICS))
-    build_demo().queue(default_concurrency_limit=1, max_size=32).launch(
-        server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), allowed_paths=[str(OUTPUTS)], auth=auth_pairs(),
-        max_file_size=UPLOAD_LIMIT,
-    )
+    serve(build_demo())

@@ -45,7 +45,7 @@ def test_app_defaults_to_the_bundled_demo_weights(monkeypatch):
     try:
         assert "demo scale" in common.model_label("tinysr") and "demo scale" in common.model_label("tsdsr")
         (left, right), rep_l, rep_r, file_l, file_r, _ = upscale.compare(str(ROOT / "assets" / "examples" / "copy_centre.png"), "tinysr", "tsdsr")
-        assert left.size == right.size == (800, 600)
+        assert Image.open(left).size == Image.open(right).size == (800, 600)
         assert "Latency" in rep_l and "Latency" in rep_r and file_l and file_r
     finally:
         common.get_pipeline.cache_clear()

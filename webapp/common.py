@@ -28,6 +28,7 @@ EXAMPLES = sorted(str(p) for p in (ROOT / "assets" / "examples").glob("*.png"))
 OUTPUTS = Path(os.environ.get("TINYSR_OUTPUTS_DIR") or tempfile.mkdtemp(prefix="tinysr-app-"))
 OUTPUTS.mkdir(parents=True, exist_ok=True)
 OUTPUTS_MB = float(os.environ.get("TINYSR_OUTPUTS_MB", 500))  # results and uploads kept; the oldest go first
+PAGE_FILES: set[Path] = set()  # see keep_page_files
 log = logging.getLogger("tinysr.app")
 _warming: threading.Thread | None = None
 
@@ -146,13 +147,30 @@ def warming() -> bool:
 
 def new_output(prefix: str, suffix: str = ".png") -> Path:
     """A fresh file in the outputs folder, after dropping the oldest results beyond OUTPUTS_MB."""
-    trim_folder(OUTPUTS, OUTPUTS_MB * 2**20)
+    trim_folder(OUTPUTS, OUTPUTS_MB * 2**20, keep=PAGE_FILES)
     return OUTPUTS / f"{prefix}-{os.urandom(6).hex()}{suffix}"
 
 
-def trim_folder(folder: Path, max_bytes: float, min_age_s: float = 2.0) -> None:
+def keep_page_files(config: dict) -> None:
+    """Never trim the files the page itself shows every visitor (gradio's copies of the examples, made when the
+    page is built): as the oldest files in the folder they would go first, and the examples would break for good."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("path"), str) and Path(node["path"]).is_file():
+                PAGE_FILES.add(Path(node["path"]).resolve())
+            node = list(node.values())
+        if isinstance(node, (list, tuple)):
+            for child in node:
+                walk(child)
+
+    walk(config)
+
+
+def trim_folder(folder: Path, max_bytes: float, min_age_s: float = 2.0, keep: set[Path] = frozenset()) -> None:
     """Delete the oldest files under `folder` until it holds at most `max_bytes` (files younger than
-    `min_age_s` are kept: a response may still be sending them); empty subfolders go too."""
+    `min_age_s` are kept: a response may still be sending them; so are the resolved paths in `keep`);
+    empty subfolders go too."""
     files = []
     for path in folder.rglob("*"):
         try:
@@ -166,7 +184,7 @@ def trim_folder(folder: Path, max_bytes: float, min_age_s: float = 2.0) -> None:
     for mtime, size, path in sorted(files):
         if total <= max_bytes:
             break
-        if now - mtime < min_age_s:
+        if now - mtime < min_age_s or path.resolve() in keep:
             continue
         path.unlink(missing_ok=True)
         total -= size

@@ -1,5 +1,7 @@
 """The Upscale and Degrade-and-restore tabs, and the one-image `/upscale` endpoint."""
 
+from pathlib import Path
+
 import gradio as gr
 import numpy as np
 import pandas as pd
@@ -66,10 +68,16 @@ def check_gt(gt_path: str | None, image: LoadedImage) -> torch.Tensor | None:
     return gt.rgb
 
 
-def slider_pair(images: dict, view: str):
-    """The slider's two sides for a view like 'left | right' or 'bicubic | left'."""
-    a, b = (part.strip() for part in view.split("|"))
-    return images.get(a), images.get(b)
+def slider_pair(shown: dict, view: str):
+    """The slider's two sides for a view like 'left | right' or 'bicubic | left'. `shown` holds file paths, not
+    images: gradio keeps it for every visitor, and a 1 MP input's three 16 MP results would be 150 MB each."""
+    sides = []
+    for name in (part.strip() for part in view.split("|")):
+        path = shown.get("input" if name == "bicubic" else name)
+        if path is not None and not Path(path).is_file():
+            raise gr.Error("These results were deleted to keep the outputs folder under its cap: press Upscale again.")
+        sides.append(bicubic_view(read_upload(path, "the input")) if name == "bicubic" and path else path)
+    return tuple(sides)
 
 
 @sentences
@@ -78,18 +86,19 @@ def compare(
     precision=DEFAULT_OPTIONS["precision"], gt_path=None, view="left | right",
     recipe="default",
 ):
-    """Upscale with two models; returns slider, reports, downloads and the images for other slider views."""
+    """Upscale with two models; returns slider, reports, downloads and what other slider views need."""
     image = read_upload(path, "an image")
     gt = check_gt(gt_path, image)
     options = {"color_fix": color_fix, "tile": tile, "overlap": overlap, "precision": precision, "recipe": recipe}
-    left_img, left_report, left_file = run_model(left, image, options, gt)
-    right_img, right_report, right_file = run_model(right, image, options, gt)
-    images = {"left": left_img, "right": right_img, "bicubic": bicubic_view(image)}
-    return slider_pair(images, view), left_report, right_report, left_file, right_file, images
+    _, left_report, left_file = run_model(left, image, options, gt)
+    _, right_report, right_file = run_model(right, image, options, gt)
+    shown = {"left": left_file, "right": right_file, "input": path}
+    return slider_pair(shown, view), left_report, right_report, left_file, right_file, shown
 
 
-def change_view(images, view):
-    return slider_pair(images or {}, view)
+@sentences
+def change_view(shown, view):
+    return slider_pair(shown or {}, view)
 
 
 @sentences
