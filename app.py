@@ -17,6 +17,7 @@ import gradio as gr
 import torch
 
 from tinysr.device import PRECISIONS as INFERENCE_PRECISIONS
+from tinysr.device import reuse_freed_memory
 from tinysr.official import RECIPES
 from trainer.config import STAGES
 from trainer.launch import PRECISIONS, RUNS, available_configs
@@ -229,6 +230,7 @@ def serve(demo: gr.Blocks, **launch_options) -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
+    reuse_freed_memory()
     # a training job runs in a session of its own: stop it when the app goes, on Ctrl-C or SIGTERM alike
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     atexit.register(training.JOB.stop)

@@ -3,6 +3,7 @@
 import contextlib
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +45,20 @@ def test_auto_precision_follows_the_device(monkeypatch):
         resolve_precision("int4", cpu)
 
 
+def test_freed_memory_stays_for_the_next_call_and_peak_memory_still_sees_it():
+    if not device_module.reuse_freed_memory():
+        pytest.skip("the C library is not glibc 2.33+")
+    big = torch.ones(100 * 2**18)  # 100 MB: glibc's default unmaps it when freed
+    del big
+    assert device_module.heap_free_bytes() >= 100 * 2**20
+    for _ in range(2):  # the second time the 50 MB come from the kept memory: the RSS does not grow
+        with device_module.PeakMemory("cpu") as memory:
+            block = torch.ones(50 * 2**18)
+            time.sleep(0.1)
+            del block
+        assert 45 * 2**20 < memory.peak_bytes < 70 * 2**20, memory.peak_bytes
+
+
 def test_int8_is_close_to_fp32_saves_float_weights_and_switches_back(tmp_path):
     pipe = TinySRPipeline(make_student(), make_tiny_vae())
     image = random_image(48, 40)
@@ -75,6 +90,14 @@ def test_batched_tiles_and_images_match_one_at_a_time():
         assert one.image.shape == together.image.shape and (one.image - together.image).abs().max() < 1e-5
     with pytest.raises(ValueError, match="tile_batch >= 1"):
         pipe(images[0], tile_batch=0)
+
+
+def test_compiled_pipeline_matches_eager():
+    """`--compile`: inductor's CPU code gives eager's image (within float reordering); ~20 s of compiling here."""
+    pipe = TinySRPipeline(make_student(), make_tiny_vae())
+    image = random_image(24, 32)
+    eager = pipe(image).image
+    assert (pipe.compile()(image).image - eager).abs().max() < 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from .color import COLOR_FIXES
-from .device import DTYPES, PRECISIONS, is_out_of_memory, out_of_memory_message, pick_device
+from .device import DTYPES, PRECISIONS, is_out_of_memory, out_of_memory_message, pick_device, reuse_freed_memory
 from .errors import TinySRError, missing_extra_message
 from .imageio import DEFAULT_MAX_PIXELS, list_images, load_image
 from .metrics import DEFAULT_METRICS, METRICS
@@ -344,6 +344,7 @@ def main(argv=None) -> int:
     add_cache(sub)
     add_degrade(sub)
     args = parser.parse_args(argv)
+    reuse_freed_memory()
     start = time.perf_counter()
     try:
         code = args.func(args)

@@ -7,6 +7,7 @@ The same command runs under `accelerate launch -m trainer ...` on several GPUs o
 import argparse
 import sys
 
+from tinysr.device import reuse_freed_memory
 from tinysr.errors import missing_extra_message
 
 
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides like stages.distill-1.steps=10")
     args = parser.parse_intermixed_args(argv)
     stages = list(CHAIN) if args.stage == "all" else [args.stage]
+    reuse_freed_memory()
     try:
         cfg = load_config(args.config, args.overrides)
         check(cfg, stages)
