@@ -31,6 +31,7 @@ from scripts.train_demo_weights import (  # noqa: E402
     WEIGHTS,
 )
 from tinysr.bench import format_table, run_benchmark  # noqa: E402
+from tinysr.device import reuse_freed_memory  # noqa: E402
 from tinysr.evaluate import evaluate_folders, pair_files, quality_table, read_rgb, upscale_folder  # noqa: E402
 from tinysr.imageio import list_images  # noqa: E402
 from tinysr.metrics import METRICS, MetricSuite, lattice_score, missing_files  # noqa: E402
@@ -200,6 +201,7 @@ def main() -> int:
     parser.add_argument("--no-bench", dest="bench", action="store_false", help=f"reuse {BENCH_JSON.name} (a quiet CPU measured it)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    reuse_freed_memory()  # as the CLI and the app run
     start = time.perf_counter()
     results_path = OUT / "metrics.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -59,7 +59,11 @@ def build_pipelines(scale: str, device) -> dict:
 def stage_fns(pipe, x):
     """Closures for the pipeline's three stages with its default tiles (one tile each at paper size, 128 -> 512)."""
     z = pipe.encode_latents(x)
-    return {"encode": lambda: pipe.encode_latents(x), "transformer": lambda: pipe.predict_tiled(z), "decode": lambda: pipe.decode_latents(z)}
+    return {
+        "encode": lambda: pipe.encode_latents(x),
+        "transformer": lambda: pipe.predict_tiled(z, tile_batch=pipe.default_tile_batch()),
+        "decode": lambda: pipe.decode_latents(z),
+    }
 
 
 def count_macs(fn) -> int:
