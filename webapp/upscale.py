@@ -70,7 +70,7 @@ def check_gt(gt_path: str | None, image: LoadedImage) -> torch.Tensor | None:
 
 def slider_pair(shown: dict, view: str):
     """The slider's two sides for a view like 'left | right' or 'bicubic | left'. `shown` holds file paths, not
-    images: gradio keeps it for every visitor, and a 1 MP input's three 16 MP results would be 150 MB each."""
+    images: gradio keeps it for every visitor, and a 1 MP input's three 16 MP results would hold 150 MB a visitor."""
     sides = []
     for name in (part.strip() for part in view.split("|")):
         path = shown.get("input" if name == "bicubic" else name)
