@@ -401,13 +401,6 @@ def server_rss(server) -> int:
     return psutil.Process(server["proc"].pid).memory_info().rss
 
 
-def page_files(node) -> list[dict]:
-    """The files a page's config names ({"path": ..., "url": ...} anywhere in it)."""
-    if isinstance(node, dict):
-        return ([node] if isinstance(node.get("path"), str) else []) + page_files(list(node.values()))
-    return [f for child in node for f in page_files(child)] if isinstance(node, list) else []
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -491,7 +484,7 @@ def test_four_clients_a_hundred_requests(client, server, tmp_path):
     client.predict(handle_file(path), "tinysr", api_name="/upscale")
     assert folder_bytes(outputs) < 2 * 2**20 + 2**20, folder_bytes(outputs)
     config = json.loads(urllib.request.urlopen(server["url"] + "config").read())
-    examples = [f for f in page_files(config) if f["path"].startswith(str(outputs))]  # gradio's copies, the oldest files there
+    examples = [f for f in common.page_files(config) if f["path"].startswith(str(outputs))]  # gradio's copies, the oldest files there
     assert len(examples) == 4 and all(urllib.request.urlopen(f["url"]).status == 200 for f in examples), examples
     assert rss[1] - rss[0] < 250 * 2**20, rss
 

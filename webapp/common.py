@@ -151,20 +151,17 @@ def new_output(prefix: str, suffix: str = ".png") -> Path:
     return OUTPUTS / f"{prefix}-{os.urandom(6).hex()}{suffix}"
 
 
+def page_files(node) -> list[dict]:
+    """The files a page's config names: every {"path": ..., "url": ...} in it (examples, default values)."""
+    if isinstance(node, dict):
+        return ([node] if isinstance(node.get("path"), str) else []) + page_files(list(node.values()))
+    return [f for child in node for f in page_files(child)] if isinstance(node, (list, tuple)) else []
+
+
 def keep_page_files(config: dict) -> None:
     """Never trim the files the page itself shows every visitor (gradio's copies of the examples, made when the
     page is built): as the oldest files in the folder they would go first, and the examples would break for good."""
-
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("path"), str) and Path(node["path"]).is_file():
-                PAGE_FILES.add(Path(node["path"]).resolve())
-            node = list(node.values())
-        if isinstance(node, (list, tuple)):
-            for child in node:
-                walk(child)
-
-    walk(config)
+    PAGE_FILES.update(Path(f["path"]).resolve() for f in page_files(config) if Path(f["path"]).is_file())
 
 
 def trim_folder(folder: Path, max_bytes: float, min_age_s: float = 2.0, keep: set[Path] = frozenset()) -> None:
