@@ -219,6 +219,21 @@ def test_official_recipe_is_byte_identical_to_the_scripts(pipes, tmp_path, model
         assert not np.array_equal(default, expected)  # the default recipe is a different one
 
 
+@pytest.mark.parametrize("model", ["tinysr", "tsdsr"])
+def test_official_recipe_runs_in_bf16(pipes, tmp_path, model):
+    """`auto` is bf16 on a CPU with native bf16; the scripts never ran bf16 and numpy has no bf16 (a TypeError there)."""
+    pipe = pipes[model].to(dtype=torch.bfloat16)
+    path = photo(tmp_path / "lr.png", 48, 40, seed=5)
+    try:
+        ours = pipe(str(path), recipe="official", seed=7)
+    finally:
+        pipe.to(dtype=torch.float32)
+    fp32 = np.asarray(pipe(str(path), recipe="official", seed=7).pil).astype(float)
+    got = np.asarray(ours.pil).astype(float)
+    assert ours.dtype == "bf16" and got.shape == fp32.shape == (160, 192, 3)
+    assert np.abs(got - fp32).mean() < 8  # the same picture, bf16 rounding apart
+
+
 def test_official_helpers_follow_the_script_rules():
     assert official_sizes(128, 128) == (512, 512, False)
     assert official_sizes(130, 127) == (512, 520, True)  # int(128/127*130) = 131 -> 524 -> 520

@@ -88,8 +88,11 @@ def official_tiled_predict(predict: Callable[[torch.Tensor], torch.Tensor], z: t
 
 
 def quantize_like_script(image: torch.Tensor) -> Image.Image:
-    """ToPILImage of a [0, 1] CHW tensor: x * 255, truncated (not rounded) to 8 bits."""
-    return to_pil_image(image)
+    """ToPILImage of a [0, 1] CHW tensor: x * 255, truncated (not rounded) to 8 bits.
+
+    The scripts run fp16 or fp32; bf16 (`auto` on a CPU with native bf16) has no numpy type, so it is
+    widened to fp32 first, which is exact."""
+    return to_pil_image(image.float() if image.dtype == torch.bfloat16 else image)
 
 
 def official_color_fix(output: Image.Image, lr: Image.Image, method: str) -> Image.Image:
