@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .device import PeakMemory, dtype_name, half_dtype, parse_dtype, pick_device, resolve_precision, synchronize
+from .device import PeakMemory, dtype_name, half_dtype, native_bf16, parse_dtype, pick_device, resolve_precision, synchronize
 from .models import TinyAutoencoder, TinySRTransformer
 from .pipelines import TinySRPipeline, TSDSRPipeline
 
@@ -108,6 +108,7 @@ def run_benchmark(
         "input": f"{size}x{size}",
         "output": f"{out}x{out}",
         "torch": torch.__version__,
+        "native_bf16": native_bf16() if device.type == "cpu" else None,
         "scale": scale,
         "models": {},
     }
