@@ -84,7 +84,8 @@ def test_official_recipe_from_upscale_and_eval(tmp_path, capsys):
     photo(32, 40).save(lr / "a.png")
     r = cli("upscale", lr / "a.png", "-o", tmp_path / "up", "--recipe", "official", "--tile", "32", "--color-fix", "wavelet")
     assert r.returncode == 0, r.stderr
-    expected = np.asarray(load_pipeline("tinysr")(str(lr / "a.png"), recipe="official", tile_size=32, color_fix="wavelet").pil)
+    # upscale's default precision is auto: bf16 on a CPU with native bf16 (AMX), fp32 elsewhere
+    expected = np.asarray(load_pipeline("tinysr", dtype="auto")(str(lr / "a.png"), recipe="official", tile_size=32, color_fix="wavelet").pil)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "up" / "a.png")), expected)
     r = cli("eval", "--model", "tsdsr", "--lr", lr, "--out", tmp_path / "ev", "--recipe", "official", "--seed", "3",
             "--tile", "32", "--metrics", "niqe")
