@@ -106,3 +106,21 @@ def test_comparison_sheet_crops_the_most_detailed_and_the_smoothest_window(tmp_p
     )
     assert result.returncode == 0, result.stderr
     assert Image.open(out).size == (2 * 32, 20 + 2 * 32)  # 2 models x (detail, smooth) rows under the labels
+
+
+def test_model_cards_say_which_precision_the_benchmark_found_faster():
+    """The cards' precision advice comes from the run they report: CPUs differ (emulated bf16 is slower, AMX's faster)."""
+    from scripts.report_demo_weights import precision_note
+
+    def bench(fp32, bf16, native):
+        latency = {"fp32": {"total": fp32}, "bf16": {"total": bf16}}
+        return {"device": "cpu (x86_64, 2 threads)", "native_bf16": native, "matmul_gflops": {"fp32": 343.0, "bf16": 1902.0}}, {"latency": latency}
+
+    amx = precision_note(*bench(0.172, 0.118, True))
+    assert "native bf16: yes" in amx and "0.69x" in amx and "bf16 is the faster" in amx and "1902 against 343" in amx
+    emulated = precision_note(*bench(0.396, 0.785, False))
+    assert "native bf16: no" in emulated and "1.98x" in emulated and "fp32 is the faster" in emulated
+    older, entry = bench(0.396, 0.785, None)
+    del older["native_bf16"]
+    assert "native bf16" not in precision_note(older, entry)  # not recorded: not guessed
+    assert precision_note(older, {"latency": {"fp32": {"total": 0.4}}}) == ""
