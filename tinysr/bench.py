@@ -207,7 +207,8 @@ def time_baseline(name: str, image: torch.Tensor, device, precisions, repeats: i
 
 
 def format_table(r: dict) -> str:
-    lines = [f"device: {r['device']}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"]
+    native = "" if r.get("native_bf16") is None else f", native bf16: {'yes' if r['native_bf16'] else 'no'}"
+    lines = [f"device: {r['device']}{native}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"]
     names = list(r["models"])
     header = f"{'':34s}" + "".join(f"{n:>14s}" for n in names)
     lines += [header, "-" * len(header)]
