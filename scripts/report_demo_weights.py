@@ -30,7 +30,7 @@ from scripts.train_demo_weights import (  # noqa: E402
     TEST_SEED,
     WEIGHTS,
 )
-from tinysr.bench import format_table, run_benchmark  # noqa: E402
+from tinysr.bench import device_label, format_table, run_benchmark  # noqa: E402
 from tinysr.device import reuse_freed_memory  # noqa: E402
 from tinysr.evaluate import evaluate_folders, pair_files, quality_table, read_rgb, upscale_folder  # noqa: E402
 from tinysr.imageio import list_images  # noqa: E402
@@ -46,6 +46,7 @@ SETS = {
 MODELS = {"bicubic": "Bicubic", "realesrgan-x4plus": "Real-ESRGAN x4plus", "tsdsr": "demo teacher (TSD-SR arch.)", "tinysr": "demo TinySR"}
 OUT = ROOT / "runs" / "demo-report"
 BENCH_JSON = ROOT / "assets" / "benchmarks" / "bench-demo-cpu.json"
+DEMO_METRICS = WEIGHTS / "demo_metrics.json"  # what the cards were written from; the About tab reads it
 
 
 def st_lpips(pred_dir: Path, gt_dir: Path, net: str = "alex") -> float:
@@ -137,8 +138,7 @@ def precision_note(bench: dict, m: dict) -> str:
         return ""
     ratio = latency["bf16"]["total"] / latency["fp32"]["total"]
     speed = f" (matmul {gflops['bf16']:.0f} against {gflops['fp32']:.0f} GFLOP/s)" if {"fp32", "bf16"} <= gflops.keys() else ""
-    native = "" if bench.get("native_bf16") is None else f", native bf16: {'yes' if bench['native_bf16'] else 'no'}"
-    return (f"On the benchmark's CPU ({bench['device']}{native}) bf16 took {ratio:.2f}x fp32's time{speed}: "
+    return (f"On the benchmark's CPU ({device_label(bench)}) bf16 took {ratio:.2f}x fp32's time{speed}: "
             f"{'bf16 is the faster choice there' if ratio < 1 else 'fp32 is the faster choice there'}; measure on yours (`python -m tinysr bench`).")
 
 
@@ -219,7 +219,7 @@ def main() -> int:
     start = time.perf_counter()
     results_path = OUT / "metrics.json"
     # a fresh checkout has no runs/: start from what the cards were last written from
-    published = json.loads((WEIGHTS / "demo_metrics.json").read_text()) if (WEIGHTS / "demo_metrics.json").is_file() else {}
+    published = json.loads(DEMO_METRICS.read_text()) if DEMO_METRICS.is_file() else {}
     results = json.loads(results_path.read_text()) if results_path.is_file() else published.get("metrics", {})
     for set_name, rows in measure(args.sets.split(","), args.models.split(","), args.first).items():
         results.setdefault(set_name, {}).update(rows)
@@ -241,7 +241,7 @@ def main() -> int:
     else:
         raise SystemExit(f"{timings_path} not found: pass --run with the folder of the run that trained the bundled weights")
     ordered = {s: {m: results[s][m] for m in MODELS if m in results.get(s, {})} for s in SETS if s in results}
-    (WEIGHTS / "demo_metrics.json").write_text(json.dumps({"metrics": ordered, "bench": bench, "training": timings}, indent=2) + "\n")
+    DEMO_METRICS.write_text(json.dumps({"metrics": ordered, "bench": bench, "training": timings}, indent=2) + "\n")
     for kind, folder in (("teacher", "tsdsr-demo"), ("student", "tinysr-demo")):
         (WEIGHTS / folder / "README.md").write_text(card(kind, ordered, bench, timings))
     print(f"report written in {time.perf_counter() - start:.0f} s")

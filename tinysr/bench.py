@@ -206,9 +206,13 @@ def time_baseline(name: str, image: torch.Tensor, device, precisions, repeats: i
     return entry
 
 
+def device_label(r: dict) -> str:
+    """The bench's device, with whether the CPU computes bf16 natively when the run recorded it."""
+    return r["device"] if r.get("native_bf16") is None else f"{r['device']}, native bf16: {'yes' if r['native_bf16'] else 'no'}"
+
+
 def format_table(r: dict) -> str:
-    native = "" if r.get("native_bf16") is None else f", native bf16: {'yes' if r['native_bf16'] else 'no'}"
-    lines = [f"device: {r['device']}{native}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"]
+    lines = [f"device: {device_label(r)}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"]
     names = list(r["models"])
     header = f"{'':34s}" + "".join(f"{n:>14s}" for n in names)
     lines += [header, "-" * len(header)]
