@@ -112,12 +112,13 @@ def metrics_table(results: dict) -> str:
 
 # How these weights were made, and how far one uninterrupted run of the script reproduced them.
 PROVENANCE = (
-    "Provenance: the stages ran as separate commands of this code. One uninterrupted run of "
+    "Provenance: the teacher's stages ran as separate commands of this code; one uninterrupted run of "
     "`python scripts/train_demo_weights.py --name repro --weights runs/repro-weights` on a fresh checkout (another "
-    "2-core CPU, with AMX: 32.9 min of training) reproduced the teacher's files bit for bit and every stage's losses "
-    "up to the tiny VAE's GAN-trained decoder, whose losses differed there from the fifth digit on; from that stage "
-    "on the student differs (its transformer by up to 0.017, its VAE by up to 1.21 in a weight) at the same quality "
-    "(synthetic set: ST-LPIPS 0.529 against 0.533, lattice 1.29 against 1.27). On one CPU, reruns of a stage gave identical logs."
+    "2-core CPU, with AMX: 32.9 min of training) reproduced its files bit for bit. The student comes from that run's "
+    "tiny VAE, latent cache and pruning (on that CPU), then distill-1 and distill-2 as configured now "
+    "(`python scripts/train_demo_weights.py --from distill-1`; running those stages twice gave identical files). "
+    "On one CPU reruns give identical logs; on another the tiny VAE's GAN-trained decoder diverged from the fifth "
+    "digit of its losses (an earlier student: transformer within 0.017, VAE within 1.21 in a weight, same quality)."
 )
 
 
@@ -169,7 +170,8 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "conditioning removed and modulation folded, with a TAESD-shaped depthwise-separable VAE (24 channels, 4x) "
             "distilled from the teacher's VAE on 64 px crops, then trained by the paper's two distillation stages "
             "(distill-2's LPIPS shown both images less their mean 8-px pattern: with plain LPIPS the student drew a dot "
-            "grid at its token period, lattice 1.75 on the synthetic set). "
+            "grid at its token period, lattice 1.75 on the synthetic set; both stages regress the teacher's latents less "
+            "their mean 2x2-token pattern, and distill-1 runs 1500 steps: with 300, a grid stayed on DRealSR's smooth areas). "
             "At this scale the teacher's stand-in VAE is already cheap (it works on 4x4 patches), so the speed-up "
             "comes from the pruned transformer and is far below the paper's (where SD3's VAE dominates)."
         ),

@@ -243,6 +243,29 @@ def test_student_lora_targets_modulation_and_continued_lora(workspace, chain):
     assert torch.equal(fresh.transformer_blocks[0].attn.to_q.base_layer.weight, merged.transformer_blocks[0].attn.to_q.weight)
 
 
+def test_distill_takes_the_teachers_token_grid_out_of_its_target(workspace, chain, monkeypatch):
+    """teacher_lattice_period: an offset the teacher repeats in every token of a crop does not reach the student."""
+    from trainer.stages import distill
+
+    cfg = str(workspace / "tiny.yaml")
+    common = ["stages.distill-1.steps=3", "stages.distill-1.checkpoint_every=0"]
+    original = distill.TeacherLatents.__call__
+
+    def with_grid(self, batch):
+        z = original(self, batch)
+        return z + torch.tensor([[1.0, -1.0], [-0.5, 0.5]]).repeat(z.shape[-2] // 2, z.shape[-1] // 2).to(z)
+
+    for name, period, teacher in (("clean", 2, original), ("gridded", 2, with_grid), ("copied", 0, with_grid)):
+        copy_inputs(workspace, name)
+        monkeypatch.setattr(distill.TeacherLatents, "__call__", teacher)
+        assert trainer_main(["distill-1", "--config", cfg, f"name={name}", *common, f"stages.distill-1.teacher_lattice_period={period}"]) == 0
+    l1 = {name: [r["l1"] for r in log_rows(workspace, "distill-1", name)] for name in ("clean", "gridded", "copied")}
+    assert l1["gridded"] == pytest.approx(l1["clean"], rel=1e-4)
+    assert l1["copied"][0] > l1["clean"][0] + 0.1  # without it the grid is in the target
+    with pytest.raises(ConfigError, match="teacher_lattice_period must be 0"):
+        check(load_config(cfg, ["stages.distill-1.teacher_lattice_period=3"]), ["distill-1"])
+
+
 def test_distill_2_with_the_projected_dino_discriminator(workspace, chain, monkeypatch):
     """discriminator: dino-projected, conditioned on the GT's DINOv2 CLS (tiny random ViTs stand in for the weights)."""
     from timm.models.vision_transformer import VisionTransformer

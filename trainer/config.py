@@ -99,6 +99,7 @@ class StageConfig:
     w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
     lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (losses.without_lattice)
+    teacher_lattice_period: int = 0  # distill: > 0 takes each crop's mean pattern of this period (latent px) out of the teacher's latents
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
     decoder_input: str = "lq"  # Eq. A.2 decodes LR latents; `hq` decodes HR latents
@@ -223,6 +224,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}: lr_scheduler constant has no warm-up; use constant_with_warmup or set lr_warmup_steps: 0")
         if s.lattice_period < 0 or (s.lattice_period and 32 % s.lattice_period):
             raise ConfigError(f"stages.{stage}.lattice_period must be 0 (off) or divide 32 (crops are multiples of 32), got {s.lattice_period}")
+        if s.teacher_lattice_period not in (0, 2, 4):
+            raise ConfigError(f"stages.{stage}.teacher_lattice_period must be 0 (off), 2 or 4 latent px (latent crops are multiples of 4), got {s.teacher_lattice_period}")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):

@@ -2,6 +2,8 @@
 
 distill-1: L1 between student and teacher one-step outputs in latent space.
 distill-2: 5 L1 + 1 LPIPS(D_tiny(z_stu), x_HR) + 0.3 GAN, with a discriminator trained beside it.
+With `teacher_lattice_period` both compare with the teacher's latents less their mean pattern of that
+period (the demo teacher's 8-px token grid on smooth areas, which the student otherwise learns).
 The student trains LoRA adapters (rank 64 in the paper) on the release's target list and its folded
 modulation vectors; the tiny VAE stays frozen.
 """
@@ -18,7 +20,7 @@ from tinysr.pipelines.base import vae_encode
 
 from ..common import TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
 from ..config import FINAL
-from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
+from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss, without_lattice
 from ..run import TrainingRun
 
 # the release's LoRA targets (test_tinysr.py); on our tree "proj" is the patch embedding and ff.net.0.proj, and
@@ -103,6 +105,8 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     for step in run.steps():
         batch = run.batch(data, step)
         target = z_teacher(batch)
+        if s.teacher_lattice_period:  # the teacher's grid, an offset repeated in every token of the crop, is not the student's to copy
+            target = without_lattice(target, s.teacher_lattice_period)
         with run.accelerator.accumulate(student):
             z = student_latents(student, tiny_vae, batch["lq_up"])
             l1 = F.l1_loss(z.float(), target.float())
