@@ -117,8 +117,9 @@ PROVENANCE = (
     "2-core CPU, with AMX: 32.9 min of training) reproduced its files bit for bit. The student comes from that run's "
     "tiny VAE, latent cache and pruning (on that CPU), then distill-1 and distill-2 as configured now "
     "(`python scripts/train_demo_weights.py --from distill-1`; running those stages twice gave identical files). "
-    "On one CPU reruns give identical logs; on another the tiny VAE's GAN-trained decoder diverged from the fifth "
-    "digit of its losses (an earlier student: transformer within 0.017, VAE within 1.21 in a weight, same quality)."
+    "On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained decoder diverged from the fifth "
+    "digit of its losses: the repro run's student differed from the one bundled then (first session's CPU) by up to "
+    "0.017 in a transformer weight and 1.21 in a VAE weight, at the same quality."
 )
 
 

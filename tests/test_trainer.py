@@ -95,6 +95,8 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
         check(load_config(cfg, ["stages.distill-1.lr_warmup_steps=10"]), ["distill-1"])
     with pytest.raises(ConfigError, match="lattice_period must be 0 .off. or divide 32"):
         check(load_config(cfg, ["stages.distill-2.lattice_period=12"]), ["distill-2"])
+    with pytest.raises(ConfigError, match="teacher_lattice_period must be 0"):
+        check(load_config(cfg, ["stages.distill-1.teacher_lattice_period=3"]), ["distill-1"])
     with pytest.raises(ConfigError, match="disc_condition needs discriminator: dino-projected"):
         check(load_config(cfg, ["stages.distill-2.disc_condition=dinov2-cls"]), ["distill-2"])
 
@@ -262,8 +264,6 @@ def test_distill_takes_the_teachers_token_grid_out_of_its_target(workspace, chai
     l1 = {name: [r["l1"] for r in log_rows(workspace, "distill-1", name)] for name in ("clean", "gridded", "copied")}
     assert l1["gridded"] == pytest.approx(l1["clean"], rel=1e-4)
     assert l1["copied"][0] > l1["clean"][0] + 0.1  # without it the grid is in the target
-    with pytest.raises(ConfigError, match="teacher_lattice_period must be 0"):
-        check(load_config(cfg, ["stages.distill-1.teacher_lattice_period=3"]), ["distill-1"])
 
 
 def test_distill_2_with_the_projected_dino_discriminator(workspace, chain, monkeypatch):

@@ -128,6 +128,7 @@ def without_lattice(x: torch.Tensor, period: int) -> torch.Tensor:
     A perceptual network reads a dot grid at the transformer's token period as texture and rewards it;
     shown images without that component, its gradient has nothing at those frequencies, so it cannot
     draw a grid that repeats across the crop (one that changes from token to token it still could).
+    On latents (distill's teacher_lattice_period) it takes the teacher's token grid out of the student's target.
     """
     n, c, h, w = x.shape
     blocks = x.unflatten(2, (h // period, period)).unflatten(4, (w // period, period))

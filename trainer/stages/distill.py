@@ -105,7 +105,7 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     for step in run.steps():
         batch = run.batch(data, step)
         target = z_teacher(batch)
-        if s.teacher_lattice_period:  # the teacher's grid, an offset repeated in every token of the crop, is not the student's to copy
+        if s.teacher_lattice_period:  # not the teacher's grid
             target = without_lattice(target, s.teacher_lattice_period)
         with run.accelerator.accumulate(student):
             z = student_latents(student, tiny_vae, batch["lq_up"])
