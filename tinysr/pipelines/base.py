@@ -21,7 +21,14 @@ from ..device import dtype_name, fallback_dtype, out_of_memory_as_error, parse_d
 from ..errors import ImageError, NumericalError
 from ..imageio import DEFAULT_MAX_PIXELS, as_loaded_image, to_pil
 from ..official import (
-    PROCESS_SIZE, RECIPES, UPSCALE, official_color_fix, official_lr, official_sizes, official_tiled_predict, quantize_like_script,
+    PROCESS_SIZE,
+    RECIPES,
+    UPSCALE,
+    official_color_fix,
+    official_lr,
+    official_sizes,
+    official_tiled_predict,
+    quantize_like_script,
 )
 from ..quantization import quantize_linears_int8
 from ..tiling import tiled_map
