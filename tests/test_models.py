@@ -71,6 +71,24 @@ def test_vae_shapes_and_ranges():
 
 
 @torch.no_grad()
+def test_replicate_padding_sees_no_frame_round_the_image(tmp_path):
+    """A flat image encodes to a flat latent with replicate padding; TAESD's zero padding marks the border."""
+    torch.manual_seed(0)
+    flat = torch.full((1, 3, 32, 32), 0.3)
+    for mode in ("zeros", "replicate"):
+        vae = TinyAutoencoder(channels=8, num_stages=2, blocks_per_stage=1, padding_mode=mode)
+        z = vae.encode(flat)
+        spread = float((z - z[..., 4:5, 4:5]).abs().max())
+        assert (spread < 1e-5) if mode == "replicate" else (spread > 1e-3), (mode, spread)
+    vae.save_pretrained(tmp_path / "v")
+    loaded = TinyAutoencoder.from_pretrained(tmp_path / "v")
+    assert loaded.config.padding_mode == "replicate" and loaded.decoder.layers[0].depthwise.padding_mode == "replicate"
+    assert torch.equal(loaded.encode(flat), vae.encode(flat))
+    with pytest.raises(ValueError, match="padding_mode"):
+        TinyAutoencoder(channels=8, padding_mode="mirror")
+
+
+@torch.no_grad()
 def test_patch_autoencoder_starts_as_whitened_pca(tmp_path):
     """The demo base VAE: after fit_linear, patches of rank <= 16 come back exactly, latents have std 0.5."""
     g = torch.Generator().manual_seed(0)

@@ -129,6 +129,7 @@ class TinyVAEConfig:
     blocks_per_stage: int = 3
     encoder_separable: bool = True
     decoder_separable: bool = True
+    padding_mode: str = "zeros"  # TAESD's and the paper's; the demo's "replicate" (see demo.yaml)
 
 
 @dataclass

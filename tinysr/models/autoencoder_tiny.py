@@ -2,7 +2,10 @@
 
 Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 pointwise), which
 is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
+`padding_mode` is TAESD's zeros by default; "replicate" keeps the outer rows from seeing a black frame.
 """
+
+from functools import partial
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -12,33 +15,27 @@ from torch import nn
 
 
 class SeparableConv2d(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, bias: bool = True):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, bias: bool = True, padding_mode: str = "zeros"):
         super().__init__()
-        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False)
+        self.depthwise = nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False, padding_mode=padding_mode)
         self.pointwise = nn.Conv2d(c_in, c_out, 1, bias=bias)
 
     def forward(self, x):
         return self.pointwise(self.depthwise(x))
 
 
-def conv3x3(c_in: int, c_out: int, separable: bool, stride: int = 1, bias: bool = True) -> nn.Module:
+def conv3x3(c_in: int, c_out: int, separable: bool, stride: int = 1, bias: bool = True, padding_mode: str = "zeros") -> nn.Module:
     if separable:
-        return SeparableConv2d(c_in, c_out, stride=stride, bias=bias)
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+        return SeparableConv2d(c_in, c_out, stride=stride, bias=bias, padding_mode=padding_mode)
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias, padding_mode=padding_mode)
 
 
 class ResBlock(nn.Module):
     """Three conv+ReLU with a skip, then ReLU (TAESD's block)."""
 
-    def __init__(self, channels: int, separable: bool):
+    def __init__(self, channels: int, conv):
         super().__init__()
-        self.conv = nn.Sequential(
-            conv3x3(channels, channels, separable),
-            nn.ReLU(),
-            conv3x3(channels, channels, separable),
-            nn.ReLU(),
-            conv3x3(channels, channels, separable),
-        )
+        self.conv = nn.Sequential(conv(channels, channels), nn.ReLU(), conv(channels, channels), nn.ReLU(), conv(channels, channels))
         self.fuse = nn.ReLU()
 
     def forward(self, x):
@@ -46,15 +43,15 @@ class ResBlock(nn.Module):
 
 
 class TinyEncoder(nn.Module):
-    """TAESD encoder layout (`layers.N`), taking [-1, 1] images."""
+    """TAESD encoder layout (`layers.N`), taking [-1, 1] images; `conv(c_in, c_out, ...)` makes its 3x3 convolutions."""
 
-    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, separable: bool):
+    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv):
         super().__init__()
-        layers = [conv3x3(3, channels, separable), ResBlock(channels, separable)]
+        layers = [conv(3, channels), ResBlock(channels, conv)]
         for _ in range(stages):
-            layers.append(conv3x3(channels, channels, separable, stride=2, bias=False))
-            layers.extend(ResBlock(channels, separable) for _ in range(blocks))
-        layers.append(conv3x3(channels, latent_channels, separable))
+            layers.append(conv(channels, channels, stride=2, bias=False))
+            layers.extend(ResBlock(channels, conv) for _ in range(blocks))
+        layers.append(conv(channels, latent_channels))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -64,14 +61,14 @@ class TinyEncoder(nn.Module):
 class TinyDecoder(nn.Module):
     """TAESD decoder layout (`layers.N`): soft-clamped latent in, [-1, 1] image out."""
 
-    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, separable: bool):
+    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv):
         super().__init__()
-        layers = [conv3x3(latent_channels, channels, separable), nn.ReLU()]
+        layers = [conv(latent_channels, channels), nn.ReLU()]
         for _ in range(stages):
-            layers.extend(ResBlock(channels, separable) for _ in range(blocks))
+            layers.extend(ResBlock(channels, conv) for _ in range(blocks))
             layers.append(nn.Upsample(scale_factor=2))
-            layers.append(conv3x3(channels, channels, separable, bias=False))
-        layers.extend([ResBlock(channels, separable), conv3x3(channels, 3, separable)])
+            layers.append(conv(channels, channels, bias=False))
+        layers.extend([ResBlock(channels, conv), conv(channels, 3)])
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -95,10 +92,13 @@ class TinyAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
         encoder_separable: bool = True,
         decoder_separable: bool = True,
         scaling_factor: float = 1.5305,
+        padding_mode: str = "zeros",
     ):
         super().__init__()
-        self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_separable)
-        self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_separable)
+        encoder_conv = partial(conv3x3, separable=encoder_separable, padding_mode=padding_mode)
+        decoder_conv = partial(conv3x3, separable=decoder_separable, padding_mode=padding_mode)
+        self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_conv)
+        self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_conv)
 
     @property
     def downscale(self) -> int:
