@@ -82,7 +82,8 @@ def test_replicate_padding_sees_no_frame_round_the_image(tmp_path):
         assert (spread < 1e-5) if mode == "replicate" else (spread > 1e-3), (mode, spread)
     vae.save_pretrained(tmp_path / "v")
     loaded = TinyAutoencoder.from_pretrained(tmp_path / "v")
-    assert loaded.config.padding_mode == "replicate" and loaded.decoder.layers[0].depthwise.padding_mode == "replicate"
+    assert loaded.config.padding_mode == "replicate"
+    assert loaded.encoder.layers[0].depthwise.padding_mode == loaded.decoder.layers[0].depthwise.padding_mode == "replicate"
     assert torch.equal(loaded.encode(flat), vae.encode(flat))
     with pytest.raises(ValueError, match="padding_mode"):
         TinyAutoencoder(channels=8, padding_mode="mirror")

@@ -99,6 +99,8 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
         check(load_config(cfg, ["stages.distill-1.teacher_lattice_period=3"]), ["distill-1"])
     with pytest.raises(ConfigError, match="disc_condition needs discriminator: dino-projected"):
         check(load_config(cfg, ["stages.distill-2.disc_condition=dinov2-cls"]), ["distill-2"])
+    with pytest.raises(ConfigError, match="tiny_vae.padding_mode must be one of"):
+        check(load_config(cfg, ["tiny_vae.padding_mode=mirror"]), ["vae-encoder"])
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,7 @@ def missing_upstream(cfg, stages: list[str]) -> list[str]:
 
 
 SCHEDULERS = tuple(t.value for t in SchedulerType if t != SchedulerType.PIECEWISE_CONSTANT)  # that one needs step rules
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # what torch.nn.Conv2d accepts
 
 
 class ConfigError(ValueError):
@@ -129,7 +130,7 @@ class TinyVAEConfig:
     blocks_per_stage: int = 3
     encoder_separable: bool = True
     decoder_separable: bool = True
-    padding_mode: str = "zeros"  # TAESD's and the paper's; the demo's "replicate" (see demo.yaml)
+    padding_mode: str = "zeros"  # TAESD's, the paper's and the bundled demo's; "replicate" was tried, not adopted (README)
 
 
 @dataclass
@@ -229,6 +230,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}.teacher_lattice_period must be 0 (off), 2 or 4 latent px (latent crops are multiples of 4), got {s.teacher_lattice_period}")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
+    if cfg.tiny_vae.padding_mode not in PADDING_MODES:
+        raise ConfigError(f"tiny_vae.padding_mode must be one of {', '.join(PADDING_MODES)}, got {cfg.tiny_vae.padding_mode!r}")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
         if stage in stages and not cfg.standins[part]:
             raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")

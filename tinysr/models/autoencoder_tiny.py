@@ -2,9 +2,10 @@
 
 Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 pointwise), which
 is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
-`padding_mode` is TAESD's zeros by default; "replicate" keeps the outer rows from seeing a black frame.
+`padding_mode` is TAESD's zeros by default; "replicate" spares the outer rows and columns a frame of zeros.
 """
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -33,7 +34,7 @@ def conv3x3(c_in: int, c_out: int, separable: bool, stride: int = 1, bias: bool 
 class ResBlock(nn.Module):
     """Three conv+ReLU with a skip, then ReLU (TAESD's block)."""
 
-    def __init__(self, channels: int, conv):
+    def __init__(self, channels: int, conv: Callable[..., nn.Module]):
         super().__init__()
         self.conv = nn.Sequential(conv(channels, channels), nn.ReLU(), conv(channels, channels), nn.ReLU(), conv(channels, channels))
         self.fuse = nn.ReLU()
@@ -45,7 +46,7 @@ class ResBlock(nn.Module):
 class TinyEncoder(nn.Module):
     """TAESD encoder layout (`layers.N`), taking [-1, 1] images; `conv(c_in, c_out, ...)` makes its 3x3 convolutions."""
 
-    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv):
+    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv: Callable[..., nn.Module]):
         super().__init__()
         layers = [conv(3, channels), ResBlock(channels, conv)]
         for _ in range(stages):
@@ -59,9 +60,9 @@ class TinyEncoder(nn.Module):
 
 
 class TinyDecoder(nn.Module):
-    """TAESD decoder layout (`layers.N`): soft-clamped latent in, [-1, 1] image out."""
+    """TAESD decoder layout (`layers.N`): soft-clamped latent in, [-1, 1] image out; `conv` as the encoder's."""
 
-    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv):
+    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv: Callable[..., nn.Module]):
         super().__init__()
         layers = [conv(latent_channels, channels), nn.ReLU()]
         for _ in range(stages):
