@@ -125,7 +125,7 @@ def test_lapped_patch_decoder_starts_as_the_patch_decoder(tmp_path):
     mean = torch.nn.functional.pixel_unshuffle(images, 4).mean((0, 2, 3)).reshape(3, 16)
     spread = torch.nn.functional.pixel_shuffle((mean - mean.mean(1, keepdim=True)).reshape(1, 48, 1, 1).expand(1, 48, 10, 10), 4)
     assert torch.allclose(patch.decode(z) - lapped.decode(z), spread, atol=1e-5)
-    kernel = lapped.decoder_synthesis.weight
+    kernel = lapped.decoder.synthesis.weight
     assert kernel.shape == (16, 3, 8, 8) and kernel[:, :, :2].abs().sum() == 0 and kernel[:, :, :, 6:].abs().sum() == 0
     lapped.save_pretrained(tmp_path / "v")
     assert torch.equal(PatchAutoencoder.from_pretrained(tmp_path / "v").decode(z), lapped.decode(z))

@@ -21,17 +21,20 @@ from tinysr.imageio import load_image
 from trainer.cli import main as trainer_main
 from trainer.config import ConfigError, check, load_config
 
-from .conftest import make_kl, make_sd3, random_image
+from .conftest import make_kl, make_sd3, make_student, random_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_STAGE = {"batch_size": 2, "lora_rank": 4, "log_every": 1}
+TEACHER_SCALING = 1.2  # not the tiny VAE's default (SD3's 1.5305): the chain must carry the teacher's over
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny teacher folder, 6 degraded pairs (64 px GT) and a config running every stage for a few steps."""
     root = tmp_path_factory.mktemp("train")
-    teacher = TSDSRPipeline(make_sd3(seed=9, num_layers=8), make_kl(seed=9), torch.randn(5, 32) * 0.1, torch.randn(24) * 0.1)
+    vae = make_kl(seed=9)
+    vae.register_to_config(scaling_factor=TEACHER_SCALING)
+    teacher = TSDSRPipeline(make_sd3(seed=9, num_layers=8), vae, torch.randn(5, 32) * 0.1, torch.randn(24) * 0.1)
     teacher.save_pretrained(root / "teacher")
     for sub in ("gt", "lq"):
         (root / "pairs" / sub).mkdir(parents=True)
@@ -133,6 +136,7 @@ def test_demo_chain_end_to_end(workspace, chain):
     assert [len(pipe.transformer.transformer_blocks)] == [len(decision["kept_blocks"])]
     assert json.loads((run / "export" / "pruning.json").read_text())["kept_blocks"] == decision["kept_blocks"]
     assert pipe(random_image(16, 16)).image.shape == (3, 64, 64)
+    assert pipe.vae.config.scaling_factor == TEACHER_SCALING  # the student sees latents scaled as its teacher did
 
 
 def copy_inputs(workspace, name):
@@ -343,6 +347,34 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
     assert type(teacher.vae).__name__ == vae_class
     assert teacher.prompt_embeds.shape == (1, 3, TINY_SD3["joint_attention_dim"])
     assert teacher(random_image(16, 16)).image.shape == (3, 64, 64)
+
+
+def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, capsys):
+    """tiny_vae_class PatchAutoencoder: the demo teacher's VAE with narrower refiners, from its linear maps and scale."""
+    from tinysr.models import PatchAutoencoder
+
+    torch.manual_seed(0)
+    vae = PatchAutoencoder(**{**TINY_PATCH, "lapped": True, "scaling_factor": 0.8})
+    vae.fit_linear(torch.rand(2, 3, 64, 64) * 2 - 1)
+    torch.nn.init.normal_(vae.encoder.refiner.conv_out.weight, std=1e-3)  # a trained teacher VAE's refiner adds a little
+    TSDSRPipeline(make_sd3(seed=9, num_layers=8), vae, torch.randn(5, 32) * 0.1, torch.randn(24) * 0.1).save_pretrained(tmp_path / "teacher")
+    args = [f"teacher={tmp_path / 'teacher'}", "name=patch", "tiny_vae_class=PatchAutoencoder", "tiny_patch_vae={channels: 4, blocks: 1}"]
+    cfg = str(workspace / "tiny.yaml")
+    assert trainer_main(["vae-encoder", "--config", cfg, *args, "stages.vae-encoder.steps=4"]) == 0
+    tiny = PatchAutoencoder.from_pretrained(workspace / "runs" / "patch" / "vae-encoder" / "final" / "vae")
+    assert (tiny.config.channels, tiny.config.patch_size, tiny.config.lapped, tiny.config.scaling_factor) == (4, 4, True, 0.8)
+    assert torch.equal(tiny.decoder.synthesis.weight, vae.decoder.synthesis.weight)  # copied; vae-encoder leaves the decoder
+    first = log_rows(workspace, "vae-encoder", "patch")[0]["loss"]
+    with torch.no_grad():
+        x = torch.rand(2, 3, 64, 64) * 2 - 1
+        fresh = float(torch.nn.functional.mse_loss(PatchAutoencoder(**TINY_PATCH).encode(x), vae.encode(x)))
+    assert first < 1e-3 * fresh  # it starts from the teacher's linear maps, not from random ones
+    TinySRPipeline(make_student(), tiny).save_pretrained(tmp_path / "student")  # the pipeline takes it as its VAE
+    assert TinySRPipeline.from_pretrained(tmp_path / "student")(random_image(16, 16)).image.shape == (3, 64, 64)
+    assert trainer_main(["vae-encoder", "--config", cfg, "name=patch-kl", "tiny_vae_class=PatchAutoencoder"]) == 2
+    assert "needs a PatchAutoencoder teacher VAE to copy (this teacher's: AutoencoderKL)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="tiny_vae_class must be one of"):
+        check(load_config(cfg, ["tiny_vae_class=AutoencoderTiny"]), ["vae-encoder"])
 
 
 def test_demo_prior_restorations_become_the_teachers_target(workspace):

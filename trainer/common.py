@@ -8,10 +8,11 @@ from torch.utils.data import Dataset
 
 from tinysr.imageio import load_image
 from tinysr.latent_cache import INDEX, LatentCacheDataset, paired_images
-from tinysr.models import TinyAutoencoder
-from tinysr.pipelines.base import vae_encode
+from tinysr.models import PatchAutoencoder, TinyAutoencoder
+from tinysr.pipelines.base import VAE_CLASSES, vae_encode
+from tinysr.weights import load_component
 
-from .config import final_dir, stage_dir
+from .config import TINY_VAES, ConfigError, final_dir, stage_dir
 
 
 class PairDataset(Dataset):
@@ -82,12 +83,28 @@ def load_pretrained_vae(cfg, teacher):
     return AutoencoderKL.from_pretrained(folder, subfolder=sub).to(teacher.device).eval().requires_grad_(False)
 
 
-def load_tiny_vae(cfg, stage: str = "vae-decoder") -> TinyAutoencoder:
-    return TinyAutoencoder.from_pretrained(require(final_dir(cfg, stage) / "vae", stage))
+def load_tiny_vae(cfg, stage: str = "vae-decoder"):
+    return load_component(require(final_dir(cfg, stage), stage), "vae", {name: VAE_CLASSES[name] for name in TINY_VAES}, torch.float32)
 
 
-def new_tiny_vae(cfg) -> TinyAutoencoder:
-    return TinyAutoencoder(**cfg.tiny_vae)
+def new_tiny_vae(cfg, e_pre, scaling_factor: float):
+    """A fresh tiny VAE in the teacher's latent space, starting from E_pre's tensors wherever name and shape agree.
+
+    The scaling factor is the teacher VAE's: the student must see latents scaled as the teacher did.
+    No tensor agrees between the paper's TAESD-shaped VAE and SD3's; the demo's narrower PatchAutoencoder
+    takes its teacher's linear maps (those alone give that autoencoder's latents to 0.5%) and learns the rest.
+    """
+    if cfg.tiny_vae_class == "PatchAutoencoder":
+        if not isinstance(e_pre, PatchAutoencoder):
+            raise ConfigError(f"tiny_vae_class PatchAutoencoder needs a PatchAutoencoder teacher VAE to copy (this teacher's: {type(e_pre).__name__})")
+        c = e_pre.config
+        vae = PatchAutoencoder(c.latent_channels, c.patch_size, **cfg.tiny_patch_vae, scaling_factor=scaling_factor, lapped=c.lapped)
+    else:
+        vae = TinyAutoencoder(**cfg.tiny_vae, scaling_factor=scaling_factor)
+    own = vae.state_dict()
+    shared = {k: v for k, v in e_pre.state_dict().items() if k in own and own[k].shape == v.shape}
+    vae.load_state_dict(shared, strict=False)
+    return vae
 
 
 class TeacherLatents:

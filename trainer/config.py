@@ -58,6 +58,7 @@ def missing_upstream(cfg, stages: list[str]) -> list[str]:
 
 SCHEDULERS = tuple(t.value for t in SchedulerType if t != SchedulerType.PIECEWISE_CONSTANT)  # that one needs step rules
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # what torch.nn.Conv2d accepts
+TINY_VAES = ("TinyAutoencoder", "PatchAutoencoder")
 
 
 class ConfigError(ValueError):
@@ -130,14 +131,22 @@ class TinyVAEConfig:
     blocks_per_stage: int = 3
     encoder_separable: bool = True
     decoder_separable: bool = True
-    padding_mode: str = "zeros"  # TAESD's, the paper's and the bundled demo's; "replicate" was tried, not adopted (README)
+    padding_mode: str = "zeros"  # TAESD's and the paper's; "replicate" was tried on the demo, not adopted (README)
+
+
+@dataclass
+class TinyPatchVAEConfig:
+    """tiny_vae_class PatchAutoencoder: the demo teacher's VAE made narrower (its patches, latent and decoder kind)."""
+
+    channels: int = 32
+    blocks: int = 1
 
 
 @dataclass
 class StandInConfig:
     """Demo only: diffusers configs of the small base VAE and teacher trained in place of SD3 / TSD-SR."""
 
-    vae_class: str = "AutoencoderKL"  # a key of tinysr.pipelines.tsdsr.TEACHER_VAES
+    vae_class: str = "AutoencoderKL"  # a key of tinysr.pipelines.base.VAE_CLASSES
     vae: dict[str, Any] = field(default_factory=dict)  # vae_class(**vae)
     transformer: dict[str, Any] = field(default_factory=dict)  # SD3Transformer2DModel(**transformer)
     prompt_tokens: int = 16
@@ -155,7 +164,10 @@ class TrainerConfig:
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb (optional package)
     teacher: str = MISSING  # TSD-SR pipeline: our folder, hub id or `tsdsr`
     pretrained_vae: str = ""  # E_pre (SD3's VAE without TSD-SR's LoRA); empty: the teacher's VAE
+    # the tiny VAE's scaling factor is always the teacher VAE's: it lives in that latent space
+    tiny_vae_class: str = "TinyAutoencoder"  # the paper's (settings: tiny_vae), or PatchAutoencoder (tiny_patch_vae)
     tiny_vae: TinyVAEConfig = field(default_factory=TinyVAEConfig)
+    tiny_patch_vae: TinyPatchVAEConfig = field(default_factory=TinyPatchVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     standins: StandInConfig = field(default_factory=StandInConfig)
@@ -230,6 +242,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}.teacher_lattice_period must be 0 (off), 2 or 4 latent px (latent crops are multiples of 4), got {s.teacher_lattice_period}")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
+    if cfg.tiny_vae_class not in TINY_VAES:
+        raise ConfigError(f"tiny_vae_class must be one of {', '.join(TINY_VAES)}, got {cfg.tiny_vae_class!r}")
     if cfg.tiny_vae.padding_mode not in PADDING_MODES:
         raise ConfigError(f"tiny_vae.padding_mode must be one of {', '.join(PADDING_MODES)}, got {cfg.tiny_vae.padding_mode!r}")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
@@ -238,10 +252,10 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
     if cfg.standins.target not in ("gt", "realesrgan"):
         raise ConfigError(f"standins.target must be gt or realesrgan, got {cfg.standins.target!r}")
     if "demo-base-vae" in stages:
-        from tinysr.pipelines.tsdsr import TEACHER_VAES
+        from tinysr.pipelines.base import VAE_CLASSES
 
-        if cfg.standins.vae_class not in TEACHER_VAES:
-            raise ConfigError(f"standins.vae_class must be one of {', '.join(TEACHER_VAES)}, got {cfg.standins.vae_class!r}")
+        if cfg.standins.vae_class not in VAE_CLASSES:
+            raise ConfigError(f"standins.vae_class must be one of {', '.join(VAE_CLASSES)}, got {cfg.standins.vae_class!r}")
     for tracker in cfg.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(f"report_to: unknown tracker {tracker!r}; choose tensorboard and/or wandb")

@@ -40,6 +40,41 @@ class Refiner(nn.Module):
         return self.conv_out(h)
 
 
+class PatchEncoder(nn.Module):
+    """4x4 patches (pixel_unshuffle) -> linear map + refiner -> latent."""
+
+    def __init__(self, latent_channels: int, patch_size: int, channels: int, blocks: int):
+        super().__init__()
+        self.patch_size = patch_size
+        patch = 3 * patch_size**2
+        self.linear = nn.Conv2d(patch, latent_channels, 1)
+        self.refiner = Refiner(patch, channels, latent_channels, blocks)
+
+    def forward(self, x):
+        p = F.pixel_unshuffle(x, self.patch_size)
+        return self.linear(p) + self.refiner(p)
+
+
+class PatchDecoder(nn.Module):
+    """latent -> linear map + refiner -> patches; `lapped`: refiner in latent space, then overlapping 8x8 kernels."""
+
+    def __init__(self, latent_channels: int, patch_size: int, channels: int, blocks: int, lapped: bool):
+        super().__init__()
+        self.patch_size, self.lapped = patch_size, lapped
+        if lapped:
+            self.refiner = Refiner(latent_channels, channels, latent_channels, blocks)
+            self.synthesis = nn.ConvTranspose2d(latent_channels, 3, 2 * patch_size, stride=patch_size, padding=patch_size // 2)
+        else:
+            patch = 3 * patch_size**2
+            self.linear = nn.Conv2d(latent_channels, patch, 1)
+            self.refiner = Refiner(latent_channels, channels, patch, blocks)
+
+    def forward(self, latent):
+        if self.lapped:
+            return self.synthesis(latent + self.refiner(latent))
+        return F.pixel_shuffle(self.linear(latent) + self.refiner(latent), self.patch_size)
+
+
 class PatchAutoencoder(ModelMixin, ConfigMixin):
     """`encode(x in [-1, 1])` returns an unscaled latent at 1/patch_size resolution; `decode` inverts it."""
 
@@ -54,29 +89,18 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         lapped: bool = False,
     ):
         super().__init__()
-        patch = 3 * patch_size**2
-        self.encoder_linear = nn.Conv2d(patch, latent_channels, 1)
-        self.encoder_refiner = Refiner(patch, channels, latent_channels, blocks)
-        if lapped:
-            self.decoder_refiner = Refiner(latent_channels, channels, latent_channels, blocks)
-            self.decoder_synthesis = nn.ConvTranspose2d(latent_channels, 3, 2 * patch_size, stride=patch_size, padding=patch_size // 2)
-        else:
-            self.decoder_linear = nn.Conv2d(latent_channels, patch, 1)
-            self.decoder_refiner = Refiner(latent_channels, channels, patch, blocks)
+        self.encoder = PatchEncoder(latent_channels, patch_size, channels, blocks)
+        self.decoder = PatchDecoder(latent_channels, patch_size, channels, blocks, lapped)
 
     @property
     def downscale(self) -> int:
         return self.config.patch_size
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        p = F.pixel_unshuffle(x, self.config.patch_size)
-        return self.encoder_linear(p) + self.encoder_refiner(p)
+        return self.encoder(x)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.config.lapped:
-            return self.decoder_synthesis(latent + self.decoder_refiner(latent))
-        p = self.decoder_linear(latent) + self.decoder_refiner(latent)
-        return F.pixel_shuffle(p, self.config.patch_size)
+        return self.decoder(latent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -94,15 +118,15 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         k = self.config.latent_channels
         basis, std = eigvecs[:, -k:].flip(1), eigvals[-k:].flip(0).clamp_min(1e-8).sqrt()
         encode = basis.T / (2 * std[:, None])
-        self.encoder_linear.weight.copy_(encode[:, :, None, None])
-        self.encoder_linear.bias.copy_(-encode @ mean)
+        self.encoder.linear.weight.copy_(encode[:, :, None, None])
+        self.encoder.linear.bias.copy_(-encode @ mean)
         decode = basis * 2 * std  # (patch values, latent channels)
         if self.config.lapped:  # the patch decoder in the kernel's centre; training grows the overlap
             q = self.config.patch_size
             kernel = decode.T.reshape(k, 3, q, q)
-            self.decoder_synthesis.weight.zero_()
-            self.decoder_synthesis.weight[:, :, q // 2 : q // 2 + q, q // 2 : q // 2 + q] = kernel
-            self.decoder_synthesis.bias.copy_(mean.reshape(3, q * q).mean(1))
+            self.decoder.synthesis.weight.zero_()
+            self.decoder.synthesis.weight[:, :, q // 2 : q // 2 + q, q // 2 : q // 2 + q] = kernel
+            self.decoder.synthesis.bias.copy_(mean.reshape(3, q * q).mean(1))
             return
-        self.decoder_linear.weight.copy_(decode[:, :, None, None])
-        self.decoder_linear.bias.copy_(mean)
+        self.decoder.linear.weight.copy_(decode[:, :, None, None])
+        self.decoder.linear.bias.copy_(mean)

@@ -20,6 +20,7 @@ from ..color import COLOR_FIXES, apply_color_fix
 from ..device import dtype_name, fallback_dtype, out_of_memory_as_error, parse_dtype, pick_device, resolve_precision, timed
 from ..errors import ImageError, NumericalError
 from ..imageio import DEFAULT_MAX_PIXELS, as_loaded_image, to_pil
+from ..models import PatchAutoencoder, TinyAutoencoder
 from ..official import (
     PROCESS_SIZE,
     RECIPES,
@@ -37,6 +38,9 @@ SCALE = UPSCALE
 MIN_INPUT_SIDE = PROCESS_SIZE // UPSCALE  # shorter inputs are enlarged first so the processed short side reaches 512
 MAX_ENLARGED_SIDE = 8 * MIN_INPUT_SIDE  # but never stretched beyond this long side: thin inputs are padded instead
 TIMESTEP = 1000.0
+
+# the VAEs a pipeline folder may name: SD3's, the demo teacher's (trains in CPU minutes) and the tiny one
+VAE_CLASSES = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder, "TinyAutoencoder": TinyAutoencoder}
 
 
 @dataclass

@@ -4,13 +4,12 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
 from ..errors import WrongModelError
-from ..models import TinyAutoencoder, TinySRTransformer
+from ..models import TinySRTransformer
 from ..release import load_tinysr_release
 from ..weights import load_component, read_json, resolve_folder
-from .base import OneStepSRPipeline
+from .base import VAE_CLASSES, OneStepSRPipeline
 
 
 class TinySRPipeline(OneStepSRPipeline):
@@ -36,7 +35,7 @@ class TinySRPipeline(OneStepSRPipeline):
         if index.get("_class_name") != cls.model_index_name:
             raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
         transformer = load_component(folder, "transformer", {"TinySRTransformer": TinySRTransformer}, torch.float32)
-        vae = load_component(folder, "vae", {"TinyAutoencoder": TinyAutoencoder, "AutoencoderKL": AutoencoderKL}, torch.float32)
+        vae = load_component(folder, "vae", VAE_CLASSES, torch.float32)
         return cls(transformer, vae, device=device, dtype=dtype)
 
     @classmethod

@@ -4,18 +4,15 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
 from ..errors import WrongModelError
-from ..models import PatchAutoencoder, TinyAutoencoder
 from ..release import load_tsdsr_release
 from ..weights import SD3_MEDIUM, find_file, load_component, read_json, resolve_folder
-from .base import TIMESTEP, OneStepSRPipeline
+from .base import TIMESTEP, VAE_CLASSES, OneStepSRPipeline
 
 PROMPT_FILE = "prompt_embeds.safetensors"
-# SD3's VAE; demo-scale stand-in teachers use one that trains in CPU minutes
-TEACHER_VAES = {"AutoencoderKL": AutoencoderKL, "PatchAutoencoder": PatchAutoencoder, "TinyAutoencoder": TinyAutoencoder}
 
 
 class TSDSRPipeline(OneStepSRPipeline):
@@ -65,7 +62,7 @@ class TSDSRPipeline(OneStepSRPipeline):
         if index.get("_class_name") != cls.model_index_name:
             raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
         transformer = load_component(folder, "transformer", {"SD3Transformer2DModel": SD3Transformer2DModel}, torch.float32)
-        vae = load_component(folder, "vae", TEACHER_VAES, torch.float32)
+        vae = load_component(folder, "vae", VAE_CLASSES, torch.float32)
         embeds = load_file(find_file(PROMPT_FILE, [folder], "The folder is incomplete; re-convert it."))
         return cls(transformer, vae, embeds["prompt_embeds"], embeds["pooled_embeds"], device=device, dtype=dtype)
 

@@ -29,8 +29,7 @@ from tinysr.imageio import load_image, to_pil
 from tinysr.latent_cache import paired_images
 from tinysr.models import PatchAutoencoder
 from tinysr.pipelines import TSDSRPipeline
-from tinysr.pipelines.base import vae_decode, vae_encode
-from tinysr.pipelines.tsdsr import TEACHER_VAES
+from tinysr.pipelines.base import VAE_CLASSES, vae_decode, vae_encode
 from tinysr.weights import load_component
 
 from ..common import final_dir, require, stage_pairs
@@ -104,7 +103,7 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
     run = TrainingRun(cfg, stage, resume)
     s = run.scfg
     torch.manual_seed(cfg.seed)
-    vae_class = TEACHER_VAES[cfg.standins.vae_class]
+    vae_class = VAE_CLASSES[cfg.standins.vae_class]
     vae = vae_class(**OmegaConf.to_container(cfg.standins.vae)).to(memory_format=torch.channels_last)
     prior = cfg.standins.target == "realesrgan"
     data = stage_pairs(cfg, s, prior=prior)
@@ -173,7 +172,7 @@ def fixed_condition(cfg, transformer) -> tuple[torch.Tensor, torch.Tensor]:
 def run_teacher(cfg, stage: str, resume: str | None = None):
     run = TrainingRun(cfg, stage, resume)
     s = run.scfg
-    vae = load_component(require(final_dir(cfg, "demo-base-vae"), "demo-base-vae"), "vae", TEACHER_VAES, torch.float32)
+    vae = load_component(require(final_dir(cfg, "demo-base-vae"), "demo-base-vae"), "vae", VAE_CLASSES, torch.float32)
     vae.to(run.device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     transformer = SD3Transformer2DModel(**OmegaConf.to_container(cfg.standins.transformer))

@@ -3,6 +3,7 @@
 vae-encoder: MSE(E_tiny(x_LR), E_pre(x_LR)), unscaled SD3 latents.
 vae-decoder: 3 LPIPS(D_tiny(E_pre(x)), x_HR) + 1 GAN, x = x_LR by default (Eq. A.2 as printed)
 or x_HR with `decoder_input: hq`; a discriminator trains beside it.
+The tiny VAE starts from E_pre's tensors where name and shape agree (trainer.common.new_tiny_vae).
 """
 
 import torch
@@ -19,8 +20,9 @@ from ..run import TrainingRun
 def run_vae_encoder(cfg, stage: str, resume: str | None = None):
     run = TrainingRun(cfg, stage, resume)
     s = run.scfg
-    e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
-    vae = new_tiny_vae(cfg)
+    teacher = load_teacher(cfg, run.device)
+    e_pre = load_pretrained_vae(cfg, teacher)
+    vae = new_tiny_vae(cfg, e_pre, teacher.vae.config.scaling_factor)
     vae.decoder.requires_grad_(False)
     data = stage_pairs(cfg, s)
     params = list(vae.encoder.parameters())
