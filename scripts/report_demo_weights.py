@@ -168,14 +168,15 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
         ),
         "student": (
             "The demo TinySR: the demo teacher pruned 2 of every 4 blocks by the learned (Gumbel, pair-coupled) search, "
-            "conditioning removed and modulation folded, with a TAESD-shaped depthwise-separable VAE (24 channels, 4x) "
-            "distilled from the teacher's VAE on 64 px crops, then trained by the paper's two distillation stages "
+            "conditioning removed and modulation folded, with a tiny VAE distilled from the teacher's on 64 px crops "
+            "(its encoder a linear map of 4x4 patches, copied from the teacher's VAE, plus a 24-channel refiner; its decoder "
+            "TAESD-shaped and depthwise-separable, 24 channels, 4x), then trained by the paper's two distillation stages "
             "(distill-2's LPIPS shown both images less their mean 8-px pattern: with plain LPIPS the student drew a dot "
             "grid at its token period, lattice 1.75 on the synthetic set; both stages regress the teacher's latents less "
             "their mean 2x2-token pattern, and distill-1 runs 1500 steps: with 300, a grid stayed on DRealSR's smooth areas). "
             "The tiny VAE takes the teacher VAE's scaling factor (it lives in that latent space). At this scale the "
-            "teacher's stand-in VAE is already cheap (it works on 4x4 patches; on a CPU with AMX it ran faster than this "
-            "tiny VAE), so the speed-up comes from the pruned transformer and is far below the paper's (where SD3's VAE dominates)."
+            "teacher's stand-in VAE is already cheap (it works on 4x4 patches; the tiny VAE takes about as long), so the "
+            "speed-up comes from the pruned transformer and is far below the paper's (where SD3's VAE dominates)."
         ),
     }[kind]
     return f"""# {name} — demo scale (CPU-trained; not the paper's weights)

@@ -13,6 +13,8 @@ from diffusers.optimization import SchedulerType
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tinysr.models.autoencoder_tiny import ENCODER_TYPES
+
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
     "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher",
@@ -132,6 +134,7 @@ class TinyVAEConfig:
     encoder_separable: bool = True
     decoder_separable: bool = True
     padding_mode: str = "zeros"  # TAESD's and the paper's; "replicate" was tried on the demo, not adopted (README)
+    encoder_type: str = "taesd"  # the paper's; `patch` (TinyAutoencoder's docstring) suits the demo's patch latents
 
 
 @dataclass
@@ -244,6 +247,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
     if cfg.tiny_vae_class not in TINY_VAES:
         raise ConfigError(f"tiny_vae_class must be one of {', '.join(TINY_VAES)}, got {cfg.tiny_vae_class!r}")
+    if cfg.tiny_vae.encoder_type not in ENCODER_TYPES:
+        raise ConfigError(f"tiny_vae.encoder_type must be one of {', '.join(ENCODER_TYPES)}, got {cfg.tiny_vae.encoder_type!r}")
     if cfg.tiny_vae.padding_mode not in PADDING_MODES:
         raise ConfigError(f"tiny_vae.padding_mode must be one of {', '.join(PADDING_MODES)}, got {cfg.tiny_vae.padding_mode!r}")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):

@@ -3,6 +3,9 @@
 Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 pointwise), which
 is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
 `padding_mode` is TAESD's zeros by default; "replicate" spares the outer rows and columns a frame of zeros.
+`encoder_type: patch` swaps the encoder for a PatchEncoder (a linear map of 2**num_stages-px patches plus a
+refiner at latent resolution): under the demo teacher's nearly linear patch latents it is exact and ~9x
+faster on CPU than the full-resolution TAESD encoder.
 """
 
 from collections.abc import Callable
@@ -14,6 +17,9 @@ from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .autoencoder_patch import PatchEncoder
+
+ENCODER_TYPES = ("taesd", "patch")
 
 class SeparableConv2d(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int = 1, bias: bool = True, padding_mode: str = "zeros"):
@@ -94,11 +100,17 @@ class TinyAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
         decoder_separable: bool = True,
         scaling_factor: float = 1.5305,
         padding_mode: str = "zeros",
+        encoder_type: str = "taesd",
     ):
         super().__init__()
+        if encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"encoder_type must be one of {', '.join(ENCODER_TYPES)}, got {encoder_type!r}")
         encoder_conv = partial(conv3x3, separable=encoder_separable, padding_mode=padding_mode)
         decoder_conv = partial(conv3x3, separable=decoder_separable, padding_mode=padding_mode)
-        self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_conv)
+        if encoder_type == "patch":
+            self.encoder = PatchEncoder(latent_channels, 2**num_stages, channels, blocks_per_stage)
+        else:
+            self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_conv)
         self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_conv)
 
     @property
