@@ -148,7 +148,7 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
     stages = ["demo-prior", "demo-base-vae", "demo-teacher"] if kind == "teacher" else ["vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export"]
     rows = "\n".join(
         f"| {s} | {timings[s].get('steps', '-')} | {timings[s]['wall_s'] / 60:.1f} | "
-        + (f"{timings[s]['first_loss']:.4f} -> {timings[s]['last_loss']:.4f}" if "first_loss" in timings[s] else "-")
+        + (f"{timings[s]['first_loss']:.3g} -> {timings[s]['last_loss']:.3g}" if "first_loss" in timings[s] else "-")
         + " |"
         for s in stages
         if s in timings

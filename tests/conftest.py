@@ -38,9 +38,9 @@ def make_student(seed=0):
     return perturb(TinySRTransformer(**TINY_STUDENT), seed=seed)
 
 
-def make_tiny_vae(seed=0):
+def make_tiny_vae(seed=0, **config):
     torch.manual_seed(seed)
-    vae = TinyAutoencoder(channels=8, blocks_per_stage=1)
+    vae = TinyAutoencoder(channels=8, blocks_per_stage=1, **config)
     with torch.no_grad():
         vae.decoder.layers[-1].pointwise.bias.fill_(0.0)
     return vae.eval()

@@ -110,10 +110,12 @@ def exported(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(["export-onnx", str(torch_folder), "-o", str(root / "tinysr")]) == 0
     assert "transformer.onnx" in printed.getvalue() and json.loads((root / "tinysr" / "onnx_pipeline.json").read_text())["pipeline"] == "TinySRPipeline"
-    return {"tinysr": (pipes["tinysr"], root / "tinysr"), "tsdsr": (pipes["tsdsr"], export_onnx(pipes["tsdsr"], root / "tsdsr"))}, torch_folder
+    patch = TinySRPipeline(make_student(), make_tiny_vae(encoder_type="patch"))  # the bundled demo's encoder (pixel_unshuffle)
+    exports = {"tinysr": (pipes["tinysr"], root / "tinysr"), "tsdsr": (pipes["tsdsr"], export_onnx(pipes["tsdsr"], root / "tsdsr"))}
+    return {**exports, "tinysr-patch-encoder": (patch, export_onnx(patch, root / "tinysr-patch"))}, torch_folder
 
 
-@pytest.mark.parametrize("name", ["tinysr", "tsdsr"])
+@pytest.mark.parametrize("name", ["tinysr", "tsdsr", "tinysr-patch-encoder"])
 def test_onnx_backend_matches_torch_on_odd_sizes(exported, name):
     pipe, folder = exported[0][name]
     onnx = load_pipeline(str(folder), backend="onnx")
@@ -126,7 +128,7 @@ def test_onnx_backend_matches_torch_on_odd_sizes(exported, name):
     if name == "tsdsr":
         with pytest.raises(UnsupportedOption, match="samples TSD-SR's VAE posterior"):
             onnx(random_image(16, 16), recipe="official")
-    else:
+    elif name == "tinysr":
         with pytest.raises(MissingWeightsError, match="export-onnx"):
             load_pipeline(str(exported[1]), backend="onnx")
     with pytest.raises(UnsupportedOption, match="fp32"):

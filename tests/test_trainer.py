@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from PIL import Image
 from tinysr import TinySRPipeline, TinySRTransformer, TSDSRPipeline
 from tinysr.imageio import load_image
 from trainer.cli import main as trainer_main
+from trainer.common import load_tiny_vae
 from trainer.config import ConfigError, check, load_config
 
 from .conftest import make_kl, make_sd3, make_student, random_image
@@ -139,6 +141,9 @@ def test_demo_chain_end_to_end(workspace, chain):
     assert json.loads((run / "export" / "pruning.json").read_text())["kept_blocks"] == decision["kept_blocks"]
     assert pipe(random_image(16, 16)).image.shape == (3, 64, 64)
     assert pipe.vae.config.scaling_factor == TEACHER_SCALING  # the student sees latents scaled as its teacher did
+    other_teacher = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.5305)))
+    with pytest.raises(ConfigError, match="scaling_factor 1.2 is not the teacher VAE's 1.5305"):
+        load_tiny_vae(load_config(workspace / "tiny.yaml"), teacher=other_teacher)
 
 
 def copy_inputs(workspace, name):
@@ -175,6 +180,22 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, chain):
     curve = lambda name: [(r["step"], r["loss"]) for r in map(json.loads, (workspace / "runs" / name / "distill-1" / "log.jsonl").read_text().splitlines())]
     assert curve("killed") == curve("whole")
     assert [s for s, _ in curve("whole")] == list(range(1, 11))
+
+
+def test_a_checkpoint_of_another_layout_is_refused_not_resumed_with_fresh_weights(workspace, chain, capsys):
+    """Loading is not strict (frozen weights are not saved): a checkpoint naming tensors the model lacks must stop the run."""
+    from safetensors.torch import load_file, save_file
+
+    copy_inputs(workspace, "foreign")
+    ckpt = workspace / "runs" / "foreign" / "distill-1" / "checkpoints" / "step-0000008"
+    shutil.copytree(workspace / "runs" / "tiny" / "distill-1" / "checkpoints" / "step-0000008", ckpt)
+    weights = load_file(ckpt / "model.safetensors")
+    first = sorted(weights)[0]
+    weights["renamed." + first] = weights.pop(first)
+    save_file(weights, ckpt / "model.safetensors")
+    assert trainer_main(["distill-1", "--config", str(workspace / "tiny.yaml"), "name=foreign", "--resume", "latest"]) == 2
+    assert f"holds weights this model does not have (1, e.g. renamed.{first})" in capsys.readouterr().err
+    assert not (workspace / "runs" / "foreign" / "distill-1" / "final").exists()
 
 
 def test_accelerate_two_processes_on_cpu(workspace, chain):
@@ -374,9 +395,27 @@ def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, 
     TinySRPipeline(make_student(), tiny).save_pretrained(tmp_path / "student")  # the pipeline takes it as its VAE
     assert TinySRPipeline.from_pretrained(tmp_path / "student")(random_image(16, 16)).image.shape == (3, 64, 64)
     assert trainer_main(["vae-encoder", "--config", cfg, "name=patch-kl", "tiny_vae_class=PatchAutoencoder"]) == 2
-    assert "needs a PatchAutoencoder teacher VAE to copy (this teacher's: AutoencoderKL)" in capsys.readouterr().err
+    assert "needs a PatchAutoencoder E_pre to copy (pretrained_vae, else the teacher's VAE: AutoencoderKL)" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="tiny_vae_class must be one of"):
         check(load_config(cfg, ["tiny_vae_class=AutoencoderTiny"]), ["vae-encoder"])
+
+
+def test_patch_encoder_starts_from_the_teacher_vaes_linear_map(workspace):
+    """tiny_vae.encoder_type patch (the bundled demo's): E_pre's linear patch map copied, or a clear refusal."""
+    from tinysr.models import PatchAutoencoder
+    from trainer.common import new_tiny_vae
+
+    torch.manual_seed(0)
+    e_pre = PatchAutoencoder(**{**TINY_PATCH, "lapped": True})
+    e_pre.fit_linear(torch.rand(2, 3, 32, 32) * 2 - 1)
+    cfg = workspace / "tiny.yaml"
+    vae = new_tiny_vae(load_config(cfg, ["tiny_vae.encoder_type=patch", "tiny_vae.num_stages=2"]), e_pre, 0.7)
+    assert torch.equal(vae.encoder.linear.weight, e_pre.encoder.linear.weight) and vae.config.scaling_factor == 0.7
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x), e_pre.encode(x))  # both refiners start at zero: the same encoder
+    with pytest.raises(ConfigError, match="needs a PatchAutoencoder with 8-px patches"):
+        new_tiny_vae(load_config(cfg, ["tiny_vae.encoder_type=patch"]), e_pre, 0.7)  # num_stages 3: 8-px patches, E_pre has 4
 
 
 def test_demo_prior_restorations_become_the_teachers_target(workspace):

@@ -83,26 +83,39 @@ def load_pretrained_vae(cfg, teacher):
     return AutoencoderKL.from_pretrained(folder, subfolder=sub).to(teacher.device).eval().requires_grad_(False)
 
 
-def load_tiny_vae(cfg, stage: str = "vae-decoder"):
-    return load_component(require(final_dir(cfg, stage), stage), "vae", {name: VAE_CLASSES[name] for name in TINY_VAES}, torch.float32)
+def load_tiny_vae(cfg, stage: str = "vae-decoder", teacher=None):
+    """The tiny VAE `stage` wrote; with `teacher`, refused unless it scales latents as the teacher's VAE does."""
+    vae = load_component(require(final_dir(cfg, stage), stage), "vae", {name: VAE_CLASSES[name] for name in TINY_VAES}, torch.float32)
+    if teacher is not None and vae.config.scaling_factor != teacher.vae.config.scaling_factor:
+        raise ConfigError(
+            f"{final_dir(cfg, stage)}: the tiny VAE's scaling_factor {vae.config.scaling_factor} is not the teacher VAE's "
+            f"{teacher.vae.config.scaling_factor} (written before the chain took the teacher's): rerun vae-encoder and vae-decoder"
+        )
+    return vae
 
 
 def new_tiny_vae(cfg, e_pre, scaling_factor: float):
     """A fresh tiny VAE in the teacher's latent space, starting from E_pre's tensors wherever name and shape agree.
 
     The scaling factor is the teacher VAE's: the student must see latents scaled as the teacher did.
-    No tensor agrees between the paper's TAESD-shaped VAE and SD3's; the demo's narrower PatchAutoencoder
-    takes its teacher's linear maps (those alone give that autoencoder's latents to 0.5%) and learns the rest.
+    No tensor agrees between the paper's TAESD-shaped VAE and SD3's. Under the demo's PatchAutoencoder, a patch
+    encoder (TinyAutoencoder's encoder_type patch, the bundled one, or a narrower PatchAutoencoder) takes its
+    linear map (that alone gives the latents to 0.5%) and learns the rest; without one to copy it is refused.
     """
     if cfg.tiny_vae_class == "PatchAutoencoder":
         if not isinstance(e_pre, PatchAutoencoder):
-            raise ConfigError(f"tiny_vae_class PatchAutoencoder needs a PatchAutoencoder teacher VAE to copy (this teacher's: {type(e_pre).__name__})")
+            raise ConfigError(f"tiny_vae_class PatchAutoencoder needs a PatchAutoencoder E_pre to copy (pretrained_vae, else the teacher's VAE: {type(e_pre).__name__})")
         c = e_pre.config
         vae = PatchAutoencoder(c.latent_channels, c.patch_size, **cfg.tiny_patch_vae, scaling_factor=scaling_factor, lapped=c.lapped)
     else:
         vae = TinyAutoencoder(**cfg.tiny_vae, scaling_factor=scaling_factor)
     own = vae.state_dict()
     shared = {k: v for k, v in e_pre.state_dict().items() if k in own and own[k].shape == v.shape}
+    if "encoder.linear.weight" in own and "encoder.linear.weight" not in shared:
+        raise ConfigError(
+            f"the tiny VAE's patch encoder starts from E_pre's linear patch map, and E_pre (pretrained_vae, else the teacher's VAE: "
+            f"a {type(e_pre).__name__}) has none of its shape: it needs a PatchAutoencoder with {vae.encoder.patch_size}-px patches"
+        )
     vae.load_state_dict(shared, strict=False)
     return vae
 

@@ -27,8 +27,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
+from safetensors import safe_open
 
-from .config import stage_dir
+from .config import ConfigError, stage_dir
 
 CHECKPOINTS = "checkpoints"
 
@@ -66,11 +67,27 @@ class TrainingRun:
         """accelerator.prepare, then restore the checkpoint being resumed (weights, optimisers, RNG)."""
         prepared = self.accelerator.prepare(*objects)
         if self.resume_from is not None:
+            self._refuse_foreign_checkpoint([o for o in objects if isinstance(o, torch.nn.Module)])
             self.accelerator.load_state(str(self.resume_from), strict=False)
             self.start_step = json.loads((self.resume_from / "trainer_state.json").read_text())["step"]
             self._truncate_log(self.start_step)
             self.accelerator.print(f"[{self.stage}] resumed from {self.resume_from} at step {self.start_step}")
         return prepared
+
+    def _refuse_foreign_checkpoint(self, models: list) -> None:
+        """Loading is not strict (frozen weights are not saved), so a checkpoint naming tensors the model lacks
+        (another layout) would resume its step count and optimiser with fresh weights: refuse it instead."""
+        for i, model in enumerate(models):
+            path = self.resume_from / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not path.is_file():
+                continue
+            with safe_open(path, "pt") as f:
+                unexpected = sorted(set(f.keys()) - set(model.state_dict()))
+            if unexpected:
+                raise ConfigError(
+                    f"{path} holds weights this model does not have ({len(unexpected)}, e.g. {unexpected[0]}): it was written for "
+                    "another model layout; run the stage without --resume or move that checkpoint away"
+                )
 
     def _find_checkpoint(self, resume: str) -> Path | None:
         if resume != "latest":

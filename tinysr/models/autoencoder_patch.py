@@ -41,7 +41,7 @@ class Refiner(nn.Module):
 
 
 class PatchEncoder(nn.Module):
-    """4x4 patches (pixel_unshuffle) -> linear map + refiner -> latent."""
+    """patch_size x patch_size patches (pixel_unshuffle) -> linear map + refiner -> latent."""
 
     def __init__(self, latent_channels: int, patch_size: int, channels: int, blocks: int):
         super().__init__()

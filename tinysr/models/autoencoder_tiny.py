@@ -4,8 +4,9 @@ Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 po
 is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
 `padding_mode` is TAESD's zeros by default; "replicate" spares the outer rows and columns a frame of zeros.
 `encoder_type: patch` swaps the encoder for a PatchEncoder (a linear map of 2**num_stages-px patches plus a
-refiner at latent resolution): under the demo teacher's nearly linear patch latents it is exact and ~9x
-faster on CPU than the full-resolution TAESD encoder.
+refiner at latent resolution; `encoder_separable` and `padding_mode` then apply to the decoder only): under
+the demo teacher's nearly linear patch latents it matches them to MSE 4e-6 (TAESD's encoder: 0.0019) and
+encodes a 512 px image ~6x faster on CPU (0.006 s against 0.036 s).
 """
 
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class TinyDecoder(nn.Module):
 class TinyAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """`encode(x in [-1, 1])` returns an unscaled SD3-space latent; `decode` maps it back to [-1, 1].
 
-    The pipelines multiply by `scaling_factor` (SD3's 1.5305) before the transformer, exactly as
+    The pipelines multiply by `scaling_factor` (the teacher VAE's; SD3's 1.5305 by default) before the transformer, as
     with the teacher's AutoencoderKL, so both VAEs are interchangeable.
     """
 

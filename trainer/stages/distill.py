@@ -87,7 +87,7 @@ def run_distill(cfg, stage: str, resume: str | None = None):
     s = run.scfg
     teacher = load_teacher(cfg, run.device)
     z_teacher = TeacherLatents(cfg, teacher)
-    tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
+    tiny_vae = load_tiny_vae(cfg, teacher=teacher).to(run.device).eval().requires_grad_(False)
     student = load_student(cfg, stage, s)
     data = stage_pairs(cfg, s)
     params = [p for p in student.parameters() if p.requires_grad]

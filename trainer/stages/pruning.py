@@ -276,7 +276,7 @@ def run_prune_search(cfg, stage: str, resume: str | None = None):
     s = run.scfg
     teacher = load_teacher(cfg, run.device)
     z_teacher = TeacherLatents(cfg, teacher)
-    tiny_vae = load_tiny_vae(cfg).to(run.device).eval().requires_grad_(False)
+    tiny_vae = load_tiny_vae(cfg, teacher=teacher).to(run.device).eval().requires_grad_(False)
     sf = tiny_vae.config.scaling_factor
     sd3 = add_search_lora(copy.deepcopy(teacher.transformer), s.lora_rank, s.lora_targets)
     sampler = BlockMaskSampler(len(sd3.transformer_blocks), s.group_size, s.keep_per_group, s.couple_pairs)
