@@ -19,8 +19,9 @@ from PIL import Image
 
 from tinysr import TinySRPipeline, TinySRTransformer, TSDSRPipeline
 from tinysr.imageio import load_image
+from tinysr.models import PatchAutoencoder
 from trainer.cli import main as trainer_main
-from trainer.common import load_tiny_vae
+from trainer.common import load_tiny_vae, new_tiny_vae
 from trainer.config import ConfigError, check, load_config
 
 from .conftest import make_kl, make_sd3, make_student, random_image
@@ -374,8 +375,6 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
 
 def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, capsys):
     """tiny_vae_class PatchAutoencoder: the demo teacher's VAE with narrower refiners, from its linear maps and scale."""
-    from tinysr.models import PatchAutoencoder
-
     torch.manual_seed(0)
     vae = PatchAutoencoder(**{**TINY_PATCH, "lapped": True, "scaling_factor": 0.8})
     vae.fit_linear(torch.rand(2, 3, 64, 64) * 2 - 1)
@@ -402,9 +401,6 @@ def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, 
 
 def test_patch_encoder_starts_from_the_teacher_vaes_linear_map(workspace):
     """tiny_vae.encoder_type patch (the bundled demo's): E_pre's linear patch map copied, or a clear refusal."""
-    from tinysr.models import PatchAutoencoder
-    from trainer.common import new_tiny_vae
-
     torch.manual_seed(0)
     e_pre = PatchAutoencoder(**{**TINY_PATCH, "lapped": True})
     e_pre.fit_linear(torch.rand(2, 3, 32, 32) * 2 - 1)

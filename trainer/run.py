@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import SAFE_WEIGHTS_NAME, set_seed
 from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
@@ -78,7 +78,7 @@ class TrainingRun:
         """Loading is not strict (frozen weights are not saved), so a checkpoint naming tensors the model lacks
         (another layout) would resume its step count and optimiser with fresh weights: refuse it instead."""
         for i, model in enumerate(models):
-            path = self.resume_from / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            path = self.resume_from / (SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{i}."))  # accelerate's names
             if not path.is_file():
                 continue
             with safe_open(path, "pt") as f:

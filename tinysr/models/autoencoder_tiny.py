@@ -22,6 +22,7 @@ from .autoencoder_patch import PatchEncoder
 
 ENCODER_TYPES = ("taesd", "patch")
 
+
 class SeparableConv2d(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int = 1, bias: bool = True, padding_mode: str = "zeros"):
         super().__init__()
@@ -106,12 +107,12 @@ class TinyAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
         super().__init__()
         if encoder_type not in ENCODER_TYPES:
             raise ValueError(f"encoder_type must be one of {', '.join(ENCODER_TYPES)}, got {encoder_type!r}")
-        encoder_conv = partial(conv3x3, separable=encoder_separable, padding_mode=padding_mode)
-        decoder_conv = partial(conv3x3, separable=decoder_separable, padding_mode=padding_mode)
         if encoder_type == "patch":
             self.encoder = PatchEncoder(latent_channels, 2**num_stages, channels, blocks_per_stage)
         else:
+            encoder_conv = partial(conv3x3, separable=encoder_separable, padding_mode=padding_mode)
             self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_conv)
+        decoder_conv = partial(conv3x3, separable=decoder_separable, padding_mode=padding_mode)
         self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_conv)
 
     @property
