@@ -114,11 +114,11 @@ def metrics_table(results: dict) -> str:
 PROVENANCE = (
     "Provenance: the teacher's stages ran as separate commands of this code; one uninterrupted run of "
     "`python scripts/train_demo_weights.py --name repro --weights runs/repro-weights` on a fresh checkout (another "
-    "2-core CPU, with AMX: 32.9 min of training) reproduced its files bit for bit. The student comes from that run's "
-    "tiny VAE, latent cache and pruning (on that CPU), then distill-1 and distill-2 as configured now "
-    "(`python scripts/train_demo_weights.py --from distill-1`; running those stages twice gave identical files). "
-    "On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained decoder diverged from the fifth "
-    "digit of its losses: the repro run's student differed from the one bundled then (first session's CPU) by up to "
+    "2-core CPU, with AMX: 32.9 min of training) reproduced its files bit for bit. The student's tiny VAE comes from a "
+    "later run on a CPU of that kind (`--from vae-encoder --name pe`, rerun as `pe2`: every published tensor bit for "
+    "bit), its latent cache, pruning and distillation from a run after it (`--from cache --name tpr`, with the "
+    "teacher's token-pattern removal). On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
+    "decoder diverged from the fifth digit of its losses: a student retrained on another CPU differed by up to "
     "0.017 in a transformer weight and 1.21 in a VAE weight, at the same quality."
 )
 
@@ -164,7 +164,10 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "patches; decoding through overlapping 8x8 kernels after a latent refiner) as the stand-in for SD3's VAE. "
             "Its prior is Real-ESRGAN x4plus: it learnt to reproduce Real-ESRGAN's restorations of the training pairs "
             "by latent regression, where the paper's TSD-SR inherits SD3's. It plays TSD-SR's role in the demo chain: "
-            "the teacher the student is pruned from and distilled towards."
+            "the teacher the student is pruned from and distilled towards. Its pipeline takes the per-image mean pattern "
+            "over the positions inside a token out of the transformer's prediction (`remove_token_pattern` in "
+            "model_index.json): without it, the same tensors drew a dot grid at the token period (lattice 1.41 on the "
+            "synthetic set, 1.61 on DRealSR's first 20)."
         ),
         "student": (
             "The demo TinySR: the demo teacher pruned 2 of every 4 blocks by the learned (Gumbel, pair-coupled) search, "
@@ -174,7 +177,8 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "(distill-2's LPIPS shown both images less their mean 8-px pattern: with plain LPIPS the student drew a dot "
             "grid at its token period, lattice 1.75 on the synthetic set; both stages regress the teacher's latents less "
             "their mean 2x2-token pattern, and distill-1 runs 1500 steps: with 300, a grid stayed on DRealSR's smooth areas). "
-            "The tiny VAE takes the teacher VAE's scaling factor (it lives in that latent space). At this scale the "
+            "The tiny VAE takes the teacher VAE's scaling factor (it lives in that latent space). Like the teacher, its "
+            "pipeline takes the per-image mean token pattern out of the transformer's prediction. At this scale the "
             "teacher's stand-in VAE is already cheap (it works on 4x4 patches; the tiny VAE takes about as long), so the "
             "speed-up comes from the pruned transformer and is far below the paper's (where SD3's VAE dominates)."
         ),

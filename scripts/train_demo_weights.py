@@ -45,9 +45,14 @@ def publish(source: Path, target: Path) -> None:
     tmp = target.with_name(target.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     load_pipeline(str(source), device="cpu").save_pretrained(tmp, dtype="fp16")
+    for config in tmp.glob("*/config.json"):  # where this machine loaded it from: not part of the model
+        values = json.loads(config.read_text())
+        values.pop("_name_or_path", None)
+        config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     for extra in ("pruning.json", "training.json"):
         if (source / extra).is_file():
-            shutil.copy(source / extra, tmp / extra)
+            text = (source / extra).read_text()
+            (tmp / extra).write_text(text.replace(str(ROOT) + "/", ""))  # paths inside the repository, relative to it
     if (target / "README.md").is_file():
         shutil.copy(target / "README.md", tmp / "README.md")
     shutil.rmtree(target, ignore_errors=True)

@@ -30,6 +30,7 @@ def test_bundled_weights_are_the_defaults_and_restore_a_photo(monkeypatch):
         assert "demo scale" in (folder / "README.md").read_text()
         pipe = load_pipeline(name, device="cpu")
         assert isinstance(pipe, cls) and pipe.transformer.dtype == torch.float32
+        assert pipe.remove_token_pattern  # demo-realesrgan.yaml: both take their token grid out
         out = pipe(lr).image
         assert out.shape == gt.shape
         # random weights land near 10 dB; trained ones near bicubic (they also denoise and sharpen)
@@ -71,6 +72,27 @@ def test_retraining_check_reports_how_far_a_retrained_tensor_moved(tmp_path):
     assert differences["tsdsr-demo/transformer/diffusion_pytorch_model.safetensors"] == 0.0
     save_file({"renamed": tensors[name]}, vae)
     assert weight_differences(retrained)["tinysr-demo/vae/diffusion_pytorch_model.safetensors"] == float("inf")
+
+
+def test_published_folders_carry_no_path_of_the_machine_that_trained_them(tmp_path, tiny_pipeline):
+    import json
+
+    from scripts.train_demo_weights import publish
+
+    for path in WEIGHTS.rglob("*.json"):
+        text = path.read_text()
+        assert "_name_or_path" not in text and '": "/' not in text, path
+    tiny_pipeline.remove_token_pattern = True
+    source = tiny_pipeline.save_pretrained(tmp_path / "export")
+    (source / "training.json").write_text(json.dumps({"config": "tiny", "teacher": str(ROOT / "runs" / "w" / "tsdsr-demo")}))
+    publish(source, tmp_path / "published")
+    published = tmp_path / "published"
+    assert json.loads((published / "training.json").read_text())["teacher"] == "runs/w/tsdsr-demo"
+    assert not any("_name_or_path" in path.read_text() for path in published.glob("*/config.json"))
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(published / "transformer" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
+    assert load_pipeline(str(published)).remove_token_pattern
 
 
 def test_the_retraining_script_runs_the_prior_only_for_a_config_that_uses_it():

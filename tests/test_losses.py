@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trainer.losses import perceptual_loss, without_lattice
+from tinysr.lattice import without_lattice
+from trainer.losses import perceptual_loss
 
 
 def lattice_bins(n: int, period: int) -> torch.Tensor:

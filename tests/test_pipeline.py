@@ -57,6 +57,37 @@ def test_tiled_run_stays_close_to_untiled(tiny_pipeline):
     assert (tiled - ref).abs().mean() < 0.5 * ref.abs().mean()
 
 
+@torch.no_grad()
+def test_remove_token_pattern_takes_out_the_token_grid_and_nothing_else(tiny_pipeline, tmp_path, monkeypatch):
+    """The per-image offset of each position inside a token goes; so does nothing else; the flag is saved."""
+    p = tiny_pipeline.latent_multiple
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 4, 16, 24, generator=g)
+    eps = torch.randn(2, 4, 16, 24, generator=g)
+    grid = 3 * torch.randn(2, 4, p, p, generator=g).repeat(1, 1, 16 // p, 24 // p)
+    monkeypatch.setattr(tiny_pipeline, "predict", lambda latent: eps + grid)
+    assert torch.equal(tiny_pipeline.predict_tiled(z), eps + grid)  # off by default, as for the releases
+    monkeypatch.setattr(tiny_pipeline, "remove_token_pattern", True)
+    cleaned = tiny_pipeline.predict_tiled(z)
+    removed = (eps + grid) - cleaned
+    assert torch.allclose(removed, removed[..., :p, :p].repeat(1, 1, 16 // p, 24 // p), atol=1e-5)  # only a periodic pattern left
+    assert torch.allclose(removed.mean((-2, -1)), torch.zeros(2, 4), atol=1e-5)  # the mean kept
+    blocks = cleaned.unflatten(2, (16 // p, p)).unflatten(4, (24 // p, p)).mean((2, 4))
+    assert torch.allclose(blocks, blocks.mean((2, 3), keepdim=True).expand_as(blocks), atol=1e-5)  # no pattern left
+    planted = grid - grid.mean((-2, -1), keepdim=True)
+    assert (removed - planted).abs().max() < 0.5 < planted.abs().max()  # mostly the planted grid (eps's own pattern: std 0.1)
+
+    monkeypatch.undo()
+    tiny_pipeline.remove_token_pattern = True
+    folder = tiny_pipeline.save_pretrained(tmp_path / "with-flag")
+    assert json.loads((folder / "model_index.json").read_text())["remove_token_pattern"] is True
+    assert load_pipeline(str(folder)).remove_token_pattern is True
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "remove_token_pattern": "yes"}))
+    with pytest.raises(WrongModelError, match="remove_token_pattern must be true or false"):
+        TinySRPipeline.from_pretrained(folder)
+
+
 def test_fp16_overflow_falls_back(tiny_pipeline):
     with torch.no_grad():
         tiny_pipeline.transformer.pos_embed.proj.bias.fill_(7e4)  # beyond fp16's 65504

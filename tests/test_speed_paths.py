@@ -110,7 +110,8 @@ def exported(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         assert main(["export-onnx", str(torch_folder), "-o", str(root / "tinysr")]) == 0
     assert "transformer.onnx" in printed.getvalue() and json.loads((root / "tinysr" / "onnx_pipeline.json").read_text())["pipeline"] == "TinySRPipeline"
-    patch = TinySRPipeline(make_student(), make_tiny_vae(encoder_type="patch"))  # the bundled demo's encoder (pixel_unshuffle)
+    # the bundled demo's encoder (pixel_unshuffle) and token-pattern removal
+    patch = TinySRPipeline(make_student(), make_tiny_vae(encoder_type="patch"), remove_token_pattern=True)
     exports = {"tinysr": (pipes["tinysr"], root / "tinysr"), "tsdsr": (pipes["tsdsr"], export_onnx(pipes["tsdsr"], root / "tsdsr"))}
     return {**exports, "tinysr-patch-encoder": (patch, export_onnx(patch, root / "tinysr-patch"))}, torch_folder
 
@@ -120,7 +121,7 @@ def test_onnx_backend_matches_torch_on_odd_sizes(exported, name):
     pipe, folder = exported[0][name]
     onnx = load_pipeline(str(folder), backend="onnx")
     assert isinstance(onnx, OnnxPipeline) and onnx.num_parameters() == pipe.num_parameters()
-    assert onnx.default_color_fix == pipe.default_color_fix
+    assert onnx.default_color_fix == pipe.default_color_fix and onnx.remove_token_pattern == pipe.remove_token_pattern
     for h, w, tile in [(40, 56, 16), (23, 17, 16), (30, 30, 64)]:  # tiled, smaller than a tile, one whole tile
         image = random_image(h, w, seed=h)
         a, b = pipe(image, tile_size=tile, tile_overlap=4).image, onnx(image, tile_size=tile, tile_overlap=4).image

@@ -115,6 +115,7 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
 def chain(workspace):
     """`python -m trainer all` on the tiny config, every stage on a fixed batch so its loss must fall."""
     overrides = [f"stages.{st}.overfit_batch=true" for st in ("vae-encoder", "vae-decoder", "prune-search", "distill-1", "distill-2")]
+    overrides.append("remove_token_pattern=true")  # as the bundled demo's config
     start = time.perf_counter()
     assert trainer_main(["all", "--config", str(workspace / "tiny.yaml"), *overrides]) == 0
     return time.perf_counter() - start
@@ -142,6 +143,7 @@ def test_demo_chain_end_to_end(workspace, chain):
     assert json.loads((run / "export" / "pruning.json").read_text())["kept_blocks"] == decision["kept_blocks"]
     assert pipe(random_image(16, 16)).image.shape == (3, 64, 64)
     assert pipe.vae.config.scaling_factor == TEACHER_SCALING  # the student sees latents scaled as its teacher did
+    assert pipe.remove_token_pattern  # written by export from the config
     other_teacher = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.5305)))
     with pytest.raises(ConfigError, match="scaling_factor 1.2 is not the teacher VAE's 1.5305"):
         load_tiny_vae(load_config(workspace / "tiny.yaml"), teacher=other_teacher)
@@ -362,13 +364,14 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
 
     cfg = str(workspace / "tiny.yaml")
     vae = {**TINY_KL, "scaling_factor": 1.0} if vae_class == "AutoencoderKL" else TINY_PATCH
-    train_standins(cfg, vae_class, vae, 10, {"w_l1": 1.0, "w_lpips": 0.5, "w_kl": 1e-6}, {"w_l1": 1.0, "w_lpips": 1.0, "w_gan": 0.1})
+    extra = ["remove_token_pattern=true"] if vae_class == "PatchAutoencoder" else []
+    train_standins(cfg, vae_class, vae, 10, {"w_l1": 1.0, "w_lpips": 0.5, "w_kl": 1e-6}, {"w_l1": 1.0, "w_lpips": 1.0, "w_gan": 0.1}, extra)
     assert falls([r["l1"] for r in log_rows(workspace, "demo-base-vae")])
     assert falls([r["loss"] for r in log_rows(workspace, "demo-teacher")])  # starts at the identity: l1 may rise
     vae_config = json.loads((workspace / "runs" / "tiny" / "demo-base-vae" / "final" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 1.0  # set from the latents' spread
     teacher = TSDSRPipeline.from_pretrained(workspace / "runs" / "tiny" / "demo-teacher" / "final")
-    assert type(teacher.vae).__name__ == vae_class
+    assert type(teacher.vae).__name__ == vae_class and teacher.remove_token_pattern == (vae_class == "PatchAutoencoder")
     assert teacher.prompt_embeds.shape == (1, 3, TINY_SD3["joint_attention_dim"])
     assert teacher(random_image(16, 16)).image.shape == (3, 64, 64)
 

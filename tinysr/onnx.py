@@ -64,6 +64,7 @@ def export_onnx(pipe: OneStepSRPipeline, folder: str | os.PathLike, opset: int =
         "pipeline": type(pipe).__name__,
         "default_color_fix": pipe.default_color_fix,
         "official_clamps_input": pipe.official_clamps_input,
+        "remove_token_pattern": pipe.remove_token_pattern,
         "samples_posterior": type(pipe.vae).__name__ == "AutoencoderKL",
         "latent_multiple": multiple,
         "max_latent_tile": pipe.max_latent_tile,
@@ -111,6 +112,7 @@ class OnnxPipeline(OneStepSRPipeline):
         self.config = json.loads((self.folder / CONFIG_NAME).read_text())
         self.default_color_fix = self.config["default_color_fix"]
         self.official_clamps_input = self.config["official_clamps_input"]
+        self.remove_token_pattern = self.config.get("remove_token_pattern", False)  # absent from earlier exports
         self._float_transformer = None
         self.device = pick_device(device)
         self.to(self.device, dtype)

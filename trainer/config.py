@@ -102,7 +102,7 @@ class StageConfig:
     w_kl: float = 0.0
     w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
-    lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (losses.without_lattice)
+    lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.without_lattice)
     teacher_lattice_period: int = 0  # distill: > 0 takes each crop's mean pattern of this period (latent px) out of the teacher's latents
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
@@ -171,6 +171,9 @@ class TrainerConfig:
     tiny_vae_class: str = "TinyAutoencoder"  # the paper's (settings: tiny_vae), or PatchAutoencoder (tiny_patch_vae)
     tiny_vae: TinyVAEConfig = field(default_factory=TinyVAEConfig)
     tiny_patch_vae: TinyPatchVAEConfig = field(default_factory=TinyPatchVAEConfig)
+    # the pipelines this run writes (demo teacher, TinySR export) take their transformer's per-image token pattern
+    # out of its prediction (OneStepSRPipeline.without_token_pattern); the releases do not
+    remove_token_pattern: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
     standins: StandInConfig = field(default_factory=StandInConfig)

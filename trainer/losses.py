@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinysr.errors import MissingWeightsError
+from tinysr.lattice import without_lattice
 from tinysr.metrics import METRICS, missing_files
 
 from .discriminators import DinoProjectedDiscriminator, DinoV2ClsCondition
@@ -120,20 +121,6 @@ def hinge_d_loss(real_logits, fake_logits):
 
 def hinge_g_loss(fake_logits):
     return -fake_logits.mean()
-
-
-def without_lattice(x: torch.Tensor, period: int) -> torch.Tensor:
-    """`x` less its mean `period`-periodic pattern: exactly its energy at the multiples of that frequency.
-
-    A perceptual network reads a dot grid at the transformer's token period as texture and rewards it;
-    shown images without that component, its gradient has nothing at those frequencies, so it cannot
-    draw a grid that repeats across the crop (one that changes from token to token it still could).
-    On latents (distill's teacher_lattice_period) it takes the teacher's token grid out of the student's target.
-    """
-    n, c, h, w = x.shape
-    blocks = x.unflatten(2, (h // period, period)).unflatten(4, (w // period, period))
-    pattern = blocks.mean((2, 4), keepdim=True)
-    return (blocks - (pattern - pattern.mean((3, 5), keepdim=True))).reshape(n, c, h, w)
 
 
 def image_losses(image, gt, s, lpips: nn.Module | None, disc: nn.Module | None, logs: dict):

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WrongModelError
 from ..models import TinySRTransformer
 from ..release import load_tinysr_release
-from ..weights import load_component, read_json, resolve_folder
+from ..weights import load_component, resolve_folder
 from .base import VAE_CLASSES, OneStepSRPipeline
 
 
@@ -31,12 +30,10 @@ class TinySRPipeline(OneStepSRPipeline):
     ) -> "TinySRPipeline":
         """A folder or hub repo in our format (see `save_pretrained` / `python -m tinysr convert`)."""
         folder = resolve_folder(model, revision=revision, token=token, what="TinySR model folder")
-        index = read_json(folder / "model_index.json")
-        if index.get("_class_name") != cls.model_index_name:
-            raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
+        options = cls._index_options(folder)
         transformer = load_component(folder, "transformer", {"TinySRTransformer": TinySRTransformer}, torch.float32)
         vae = load_component(folder, "vae", VAE_CLASSES, torch.float32)
-        return cls(transformer, vae, device=device, dtype=dtype)
+        return cls(transformer, vae, device=device, dtype=dtype, **options)
 
     @classmethod
     def from_release(cls, root: str | os.PathLike, embeds: str | os.PathLike | None = None, *, device=None, dtype="fp32"):

@@ -7,9 +7,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from ..errors import WrongModelError
 from ..release import load_tsdsr_release
-from ..weights import SD3_MEDIUM, find_file, load_component, read_json, resolve_folder
+from ..weights import SD3_MEDIUM, find_file, load_component, resolve_folder
 from .base import TIMESTEP, VAE_CLASSES, OneStepSRPipeline
 
 PROMPT_FILE = "prompt_embeds.safetensors"
@@ -20,10 +19,10 @@ class TSDSRPipeline(OneStepSRPipeline):
     model_index_name = "TSDSRPipeline"
     official_clamps_input = True
 
-    def __init__(self, transformer, vae, prompt_embeds, pooled_embeds, *, device=None, dtype="fp32"):
+    def __init__(self, transformer, vae, prompt_embeds, pooled_embeds, *, device=None, dtype="fp32", remove_token_pattern: bool = False):
         self.prompt_embeds = prompt_embeds.reshape(1, -1, prompt_embeds.shape[-1])
         self.pooled_embeds = pooled_embeds.reshape(1, -1)
-        super().__init__(transformer, vae, device=device, dtype=dtype)
+        super().__init__(transformer, vae, device=device, dtype=dtype, remove_token_pattern=remove_token_pattern)
 
     def to(self, device=None, dtype=None):
         super().to(device, dtype)
@@ -58,13 +57,11 @@ class TSDSRPipeline(OneStepSRPipeline):
     ) -> "TSDSRPipeline":
         """A folder or hub repo in our format: transformer/, vae/ (LoRA merged) and prompt_embeds.safetensors."""
         folder = resolve_folder(model, revision=revision, token=token, what="TSD-SR model folder")
-        index = read_json(folder / "model_index.json")
-        if index.get("_class_name") != cls.model_index_name:
-            raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
+        options = cls._index_options(folder)
         transformer = load_component(folder, "transformer", {"SD3Transformer2DModel": SD3Transformer2DModel}, torch.float32)
         vae = load_component(folder, "vae", VAE_CLASSES, torch.float32)
         embeds = load_file(find_file(PROMPT_FILE, [folder], "The folder is incomplete; re-convert it."))
-        return cls(transformer, vae, embeds["prompt_embeds"], embeds["pooled_embeds"], device=device, dtype=dtype)
+        return cls(transformer, vae, embeds["prompt_embeds"], embeds["pooled_embeds"], device=device, dtype=dtype, **options)
 
     @classmethod
     def from_release(

@@ -15,12 +15,13 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
+from tinysr.lattice import without_lattice
 from tinysr.models import TinySRTransformer
 from tinysr.pipelines.base import vae_encode
 
 from ..common import TeacherLatents, final_dir, load_teacher, load_tiny_vae, require, stage_pairs
 from ..config import FINAL
-from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss, without_lattice
+from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 
 # the release's LoRA targets (test_tinysr.py); on our tree "proj" is the patch embedding and ff.net.0.proj, and

@@ -28,7 +28,7 @@ def run_export(cfg, stage: str, resume: str | None = None):
     transformer = TinySRTransformer.from_pretrained(require(final_dir(cfg, "distill-2") / "transformer", "distill-2"))
     if getattr(transformer, "peft_config", None):
         merge_lora(transformer)
-    pipe = TinySRPipeline(transformer, load_tiny_vae(cfg), device="cpu")
+    pipe = TinySRPipeline(transformer, load_tiny_vae(cfg), device="cpu", remove_token_pattern=cfg.remove_token_pattern)
     out = stage_dir(cfg, stage)
     pipe.save_pretrained(out)
     decision = final_dir(cfg, "prune-export") / "decision.json"

@@ -182,7 +182,7 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     torch.nn.init.zeros_(transformer.proj_out.bias)
     prompt, pooled = fixed_condition(cfg, transformer)
     # the pipeline is the training graph too: its `predict` is what inference will run
-    pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device)
+    pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device, remove_token_pattern=cfg.remove_token_pattern)
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
     target = "prior" if cfg.standins.target == "realesrgan" else "gt"
     with_images = s.w_lpips > 0 or s.w_gan > 0 or s.w_image_l1 > 0

@@ -68,7 +68,10 @@ def run_token_prune(cfg, stage: str, resume: str | None = None):
     importance = prompt_token_importance(teacher, latents)
     n_keep = max(1, round(s.token_keep * len(importance)))
     keep = sorted(importance.topk(n_keep).indices.tolist())
-    pruned = TSDSRPipeline(teacher.transformer, teacher.vae, teacher.prompt_embeds[:, keep].cpu(), teacher.pooled_embeds.cpu(), device="cpu")
+    pruned = TSDSRPipeline(
+        teacher.transformer, teacher.vae, teacher.prompt_embeds[:, keep].cpu(), teacher.pooled_embeds.cpu(),
+        device="cpu", remove_token_pattern=teacher.remove_token_pattern,
+    )
     out = stage_dir(cfg, stage) / FINAL
     pruned.save_pretrained(out)
     report = {"token_keep": s.token_keep, "kept_tokens": keep, "importance": importance.tolist()}
