@@ -57,6 +57,15 @@ def test_tiled_run_stays_close_to_untiled(tiny_pipeline):
     assert (tiled - ref).abs().mean() < 0.5 * ref.abs().mean()
 
 
+def test_one_pixel_image_in_the_official_recipe(tiny_pipeline):
+    """The scripts' AdaIN against a 1-pixel LR divides by NaN (unbiased variance): a sentence, not a black image."""
+    with pytest.raises(ImageError, match="1-pixel image .* AdaIN"):
+        tiny_pipeline(torch.rand(3, 1, 1), recipe="official")
+    out = tiny_pipeline(torch.rand(3, 1, 1), recipe="official", color_fix="wavelet").image
+    assert out.shape == (3, 4, 4) and torch.isfinite(out).all()
+    assert tiny_pipeline(torch.rand(3, 1, 2), recipe="official").image.shape == (3, 4, 8)
+
+
 @torch.no_grad()
 def test_remove_token_pattern_takes_out_the_token_grid_and_nothing_else(tiny_pipeline, tmp_path, monkeypatch):
     """The per-image offset of each position inside a token goes; so does nothing else; the flag is saved."""

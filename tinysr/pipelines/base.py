@@ -319,6 +319,10 @@ class OneStepSRPipeline:
         loaded = [as_loaded_image(image, max_pixels) for image in images]
         for one in loaded:
             check_processed_size(one, recipe, max_pixels or DEFAULT_MAX_PIXELS)
+            if recipe == "official" and color_fix == "adain" and one.rgb[0].numel() < 2:
+                # the scripts' AdaIN takes the LR's unbiased variance: NaN, a black image, from one pixel
+                raise ImageError("a 1-pixel image has no colour spread for the official recipe's AdaIN colour fix; "
+                                 "use the default recipe, or color fix wavelet or none")
         prepare, finish = (self._official_input, self._official_output) if recipe == "official" else (self._input, self._output)
         groups: dict = {}
         for i, one in enumerate(loaded):
