@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from scripts.report_demo_weights import PROVENANCE
 from tinysr.pipelines import TinySRPipeline, TSDSRPipeline, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,9 @@ def test_bundled_weights_are_the_defaults_and_restore_a_photo(monkeypatch):
     bicubic = F.interpolate(lr[None], size=gt.shape[-2:], mode="bicubic")[0]
     for name, cls in (("tinysr", TinySRPipeline), ("tsdsr", TSDSRPipeline)):
         folder = WEIGHTS / f"{name}-demo"
-        assert "demo scale" in (folder / "README.md").read_text()
+        card = (folder / "README.md").read_text()
+        assert "demo scale" in card
+        assert PROVENANCE in card  # written by the report script as it is now
         pipe = load_pipeline(name, device="cpu")
         assert isinstance(pipe, cls) and pipe.transformer.dtype == torch.float32
         assert pipe.remove_token_pattern  # demo-realesrgan.yaml: both take their token grid out
@@ -84,10 +87,12 @@ def test_published_folders_carry_no_path_of_the_machine_that_trained_them(tmp_pa
         assert "_name_or_path" not in text and '": "/' not in text, path
     tiny_pipeline.remove_token_pattern = True
     source = tiny_pipeline.save_pretrained(tmp_path / "export")
-    (source / "training.json").write_text(json.dumps({"config": "tiny", "teacher": str(ROOT / "runs" / "w" / "tsdsr-demo")}))
+    (source / "training.json").write_text(json.dumps({"run": "tiny", "teacher": str(tmp_path / "tsdsr-demo")}))
+    (source / "pruning.json").write_text(json.dumps({"source": str(ROOT / "runs" / "tiny" / "prune-search" / "final")}))
     publish(source, tmp_path / "published")
     published = tmp_path / "published"
-    assert json.loads((published / "training.json").read_text())["teacher"] == "runs/w/tsdsr-demo"
+    assert json.loads((published / "training.json").read_text())["teacher"] == "tsdsr-demo"  # the one published beside it
+    assert json.loads((published / "pruning.json").read_text())["source"] == "runs/tiny/prune-search/final"
     assert not any("_name_or_path" in path.read_text() for path in published.glob("*/config.json"))
     from safetensors.torch import load_file
 

@@ -54,6 +54,27 @@ def test_cache_round_trip_and_resume(teacher, pairs, tmp_path, monkeypatch):
     assert len(LatentCacheDataset(out)) == 5
 
 
+def test_a_cache_of_another_teacher_setting_is_refused(teacher, pairs, tmp_path):
+    """Resuming, or distilling from, latents cached with the token pattern in (or out) would mix two teachers."""
+    from tinysr.errors import WrongModelError
+    from tinysr.latent_cache import check_teacher_settings
+
+    out = tmp_path / "cache"
+    build_latent_cache(teacher, pairs, out, shard_size=2, dtype=torch.float32, progress=False)
+    index = json.loads((out / "index.json").read_text())
+    assert index["remove_token_pattern"] is False
+    teacher.remove_token_pattern = True
+    with pytest.raises(WrongModelError, match="cached by a teacher with .*'remove_token_pattern': False.* delete the cache"):
+        build_latent_cache(teacher, pairs, out, shard_size=2, dtype=torch.float32, progress=False)
+    del index["remove_token_pattern"]  # caches written before the option: built without it
+    with pytest.raises(WrongModelError, match="delete the cache"):
+        check_teacher_settings(index, teacher, out / "index.json")
+    teacher.remove_token_pattern = False
+    check_teacher_settings(index, teacher, out / "index.json")
+    with pytest.raises(WrongModelError, match="scaling_factor"):
+        check_teacher_settings({**index, "scaling_factor": 2.0}, teacher, out / "index.json")
+
+
 def test_bad_pairs(teacher, tmp_path, pairs):
     with pytest.raises(ImageError, match="no lq/ and gt/"):
         build_latent_cache(teacher, tmp_path / "empty", tmp_path / "c", progress=False)

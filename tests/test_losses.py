@@ -27,6 +27,11 @@ def test_removes_exactly_the_lattice_frequencies(period):
     assert torch.allclose(after[..., keep], before[..., keep], atol=1e-3)  # every other frequency, the mean included, untouched
 
 
+def test_sides_that_are_not_multiples_of_the_period_are_refused():
+    with pytest.raises(ValueError, match="multiples of 2, got 6x5"):
+        without_lattice(torch.zeros(1, 4, 6, 5), 2)
+
+
 def test_lpips_through_it_sends_no_gradient_to_a_grid():
     """Shown images without their lattice component, ST-LPIPS cannot reward (or draw) a dot grid."""
     lpips = perceptual_loss("stlpips")

@@ -6,6 +6,7 @@ import torch
 
 from tinysr import TinySRPipeline, TSDSRPipeline, load_pipeline
 from tinysr.errors import ImageError, MissingWeightsError, NumericalError, WrongModelError
+from tinysr.lattice import without_lattice
 from tinysr.pipelines.base import pad_to_multiple, processing_size
 
 from .conftest import random_image
@@ -85,6 +86,29 @@ def test_remove_token_pattern_takes_out_the_token_grid_and_nothing_else(tiny_pip
     assert torch.allclose(blocks, blocks.mean((2, 3), keepdim=True).expand_as(blocks), atol=1e-5)  # no pattern left
     planted = grid - grid.mean((-2, -1), keepdim=True)
     assert (removed - planted).abs().max() < 0.5 < planted.abs().max()  # mostly the planted grid (eps's own pattern: std 0.1)
+
+    monkeypatch.undo()
+    # tiled: the whole image's pattern goes after blending (an identity transformer blends back to z exactly)
+    monkeypatch.setattr(tiny_pipeline, "remove_token_pattern", True)
+    monkeypatch.setattr(tiny_pipeline, "predict", lambda latent: latent)
+    field = z + grid
+    assert torch.allclose(tiny_pipeline.predict_tiled(field, tile_size=8, tile_overlap=2), without_lattice(field, p), atol=1e-5)
+    # the official recipe's path takes it out too
+    pattern = 0.3 * torch.randn(1, 64, p, p, generator=g)
+
+    def grid_only(latent):
+        n, c, h, w = latent.shape
+        return pattern[:, :c].repeat(n, 1, h // p, w // p).to(latent)
+
+    decoded = []
+    decode = tiny_pipeline.decode_latents
+    monkeypatch.setattr(tiny_pipeline, "predict", grid_only)
+    monkeypatch.setattr(tiny_pipeline, "decode_latents", lambda z, *args, **kw: decode(decoded.append(z) or z, *args, **kw))
+    for remove in (True, False):
+        monkeypatch.setattr(tiny_pipeline, "remove_token_pattern", remove)
+        tiny_pipeline(random_image(32, 32), recipe="official", color_fix="none")
+    went = decoded[0] - decoded[1]  # the grid, less its mean per channel
+    assert torch.allclose(went, (pattern - pattern.mean((-2, -1), keepdim=True))[:, : went.shape[1]].repeat(1, 1, *(n // p for n in went.shape[-2:])), atol=1e-5)
 
     monkeypatch.undo()
     tiny_pipeline.remove_token_pattern = True

@@ -325,7 +325,7 @@ def test_distill_2_with_the_projected_dino_discriminator(workspace, chain, monke
     assert any(k.startswith("disc.heads.4.") for k in state) and not any(".backbone." in k or "condition." in k for k in state)
 
 
-def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):
+def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace, tmp_path):
     cfg = str(workspace / "tiny.yaml")
     common = ["stages.token-prune.batch_size=2", "stages.token-prune.calibration_batches=2"]
     assert trainer_main(["token-prune", "--config", cfg, "stages.token-prune.token_keep=0.6", *common]) == 0
@@ -338,6 +338,11 @@ def test_token_prune_keeps_the_most_attended_prompt_tokens(workspace):
     assert torch.equal(pruned.prompt_embeds[0], teacher.prompt_embeds[0, report["kept_tokens"]])
     assert trainer_main(["token-prune", "--config", cfg, "stages.token-prune.token_keep=1.0", *common]) == 0
     assert torch.equal(TSDSRPipeline.from_pretrained(out).prompt_embeds, teacher.prompt_embeds)
+    assert not TSDSRPipeline.from_pretrained(out).remove_token_pattern
+    teacher.remove_token_pattern = True  # the pruned teacher keeps the teacher's token-pattern removal
+    flagged = teacher.save_pretrained(tmp_path / "flagged-teacher")
+    assert trainer_main(["token-prune", "--config", cfg, f"teacher={flagged}", "stages.token-prune.token_keep=1.0", *common]) == 0
+    assert TSDSRPipeline.from_pretrained(out).remove_token_pattern
 
 
 TINY_PATCH = {"latent_channels": 16, "patch_size": 4, "channels": 8, "blocks": 1}

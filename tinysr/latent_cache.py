@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import ImageError
+from .errors import ImageError, WrongModelError
 from .imageio import list_images, load_image
 from .pipelines.base import vae_encode
 
@@ -65,10 +65,11 @@ def build_latent_cache(pipe, pairs_dir, out_dir, shard_size: int = 256, dtype=to
     index_path = out_dir / INDEX
     index = json.loads(index_path.read_text()) if index_path.is_file() else {
         "pairs_dir": str(pairs_dir.resolve()),
-        "scaling_factor": pipe.vae.config.scaling_factor,
+        **teacher_settings(pipe),
         "dtype": str(dtype).removeprefix("torch."),
         "shards": [],
     }
+    check_teacher_settings(index, pipe, index_path)
     done = {name for shard in index["shards"] for name in shard["names"]}
     todo = [p for p in pairs if p[0] not in done]
     buffer: dict[str, list] = {"names": [], "lq": [], "hq": [], "teacher": []}
@@ -97,6 +98,17 @@ def build_latent_cache(pipe, pairs_dir, out_dir, shard_size: int = 256, dtype=to
     if not index_path.is_file():
         _atomic_write_text(index_path, json.dumps(index, indent=1) + "\n")
     return index
+
+
+def teacher_settings(pipe) -> dict:
+    """What the cached teacher latents depend on besides the weights: resuming or reading with others mixes two teachers."""
+    return {"scaling_factor": pipe.vae.config.scaling_factor, "remove_token_pattern": pipe.remove_token_pattern}
+
+
+def check_teacher_settings(index: dict, pipe, where: Path) -> None:
+    cached = {"remove_token_pattern": False, **{k: index[k] for k in ("scaling_factor", "remove_token_pattern") if k in index}}
+    if cached != teacher_settings(pipe):
+        raise WrongModelError(f"{where}: the latents were cached by a teacher with {cached}, not {teacher_settings(pipe)}; delete the cache to rebuild it")
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):

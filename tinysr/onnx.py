@@ -13,7 +13,7 @@ import torch
 
 from .device import pick_device
 from .errors import MissingWeightsError, UnsupportedOption, WrongModelError, require
-from .pipelines.base import OneStepSRPipeline, vae_decode, vae_downscale, vae_encode
+from .pipelines.base import OneStepSRPipeline, token_pattern_option, vae_decode, vae_downscale, vae_encode
 
 CONFIG_NAME = "onnx_pipeline.json"
 STAGES = ("transformer", "vae_encoder", "vae_decoder")
@@ -112,7 +112,7 @@ class OnnxPipeline(OneStepSRPipeline):
         self.config = json.loads((self.folder / CONFIG_NAME).read_text())
         self.default_color_fix = self.config["default_color_fix"]
         self.official_clamps_input = self.config["official_clamps_input"]
-        self.remove_token_pattern = self.config.get("remove_token_pattern", False)  # absent from earlier exports
+        self.remove_token_pattern = token_pattern_option(self.config, self.folder / CONFIG_NAME)  # absent from earlier exports
         self._float_transformer = None
         self.device = pick_device(device)
         self.to(self.device, dtype)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from tinysr.imageio import load_image
-from tinysr.latent_cache import INDEX, LatentCacheDataset, paired_images
+from tinysr.latent_cache import INDEX, LatentCacheDataset, check_teacher_settings, paired_images
 from tinysr.models import PatchAutoencoder, TinyAutoencoder
 from tinysr.pipelines.base import VAE_CLASSES, vae_encode
 from tinysr.weights import load_component
@@ -127,6 +127,8 @@ class TeacherLatents:
         self.teacher = teacher
         cache = Path(cfg.data.cache) if cfg.data.cache else stage_dir(cfg, "cache")
         self.cache = LatentCacheDataset(cache) if (cache / INDEX).is_file() else None
+        if self.cache is not None:
+            check_teacher_settings(self.cache.index, teacher, cache / INDEX)
         self.rows = {name: i for i, (_, _, name) in enumerate(self.cache.items)} if self.cache else {}
 
     @torch.no_grad()

@@ -113,12 +113,21 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def token_pattern_option(config: dict, where: Path) -> bool:
+    """`remove_token_pattern` from a saved pipeline's JSON (absent: off, as in the releases)."""
+    value = config.get("remove_token_pattern", False)
+    if not isinstance(value, bool):
+        raise WrongModelError(f"{where}: remove_token_pattern must be true or false, got {value!r}")
+    return value
+
+
 class OneStepSRPipeline:
     """One-step latent SR: z = E(x) * s, z_hr = z - eps(z), image = D(z_hr / s)."""
 
     default_color_fix = "adain"
     model_index_name = ""
     official_clamps_input = False  # the release scripts clamp the bicubic input to [-1, 1] for TSD-SR, not for TinySR
+    remove_token_pattern = False
 
     def __init__(self, transformer, vae, *, device=None, dtype="fp32", remove_token_pattern: bool = False):
         """`dtype`: fp32, fp16, bf16, int8 (the transformer's linears in dynamic int8, CPU) or auto (see `resolve_precision`).
@@ -226,9 +235,12 @@ class OneStepSRPipeline:
 
         A small transformer's errors carry a per-image offset for each position inside its token, which an
         accurate decoder draws as a dot grid at the token period (the demo teacher: lattice 1.41 -> 1.21 on
-        the synthetic set, PSNR and ST-LPIPS unchanged; README). Only those 3 frequencies per channel change.
+        the synthetic set, PSNR and ST-LPIPS unchanged; README). Only those p*p - 1 frequencies per channel change
+        (p the patch size); the mean is taken in fp32 whatever the model's precision.
         """
-        return without_lattice(eps, self.latent_multiple) if self.remove_token_pattern else eps
+        if not self.remove_token_pattern:
+            return eps
+        return without_lattice(eps.float(), self.latent_multiple).to(eps.dtype)
 
     def decode_latents(
         self, z: torch.Tensor, vae_tile_size: int | None = 128, vae_tile_overlap: int = 16, *,
@@ -319,7 +331,7 @@ class OneStepSRPipeline:
         loaded = [as_loaded_image(image, max_pixels) for image in images]
         for one in loaded:
             check_processed_size(one, recipe, max_pixels or DEFAULT_MAX_PIXELS)
-            if recipe == "official" and color_fix == "adain" and one.rgb[0].numel() < 2:
+            if recipe == "official" and color_fix == "adain" and tuple(one.rgb.shape[-2:]) == (1, 1):
                 # the scripts' AdaIN takes the LR's unbiased variance: NaN, a black image, from one pixel
                 raise ImageError("a 1-pixel image has no colour spread for the official recipe's AdaIN colour fix; "
                                  "use the default recipe, or color fix wavelet or none")
@@ -419,6 +431,10 @@ class OneStepSRPipeline:
                 torch.nn.Module.to(module, parse_dtype(dtype))
             module.save_pretrained(folder / name, safe_serialization=True)
             torch.nn.Module.to(module, original)
+            config = folder / name / "config.json"
+            values = json.loads(config.read_text())
+            if values.pop("_name_or_path", None) is not None:  # where this machine loaded it from, not part of the model
+                config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
         self._save_extras(folder)
         index = {"_class_name": self.model_index_name}
         if self.remove_token_pattern:
@@ -444,7 +460,4 @@ class OneStepSRPipeline:
         index = read_json(folder / "model_index.json")
         if index.get("_class_name") != cls.model_index_name:
             raise WrongModelError(f"{folder} holds a {index.get('_class_name')}, not a {cls.model_index_name}")
-        remove = index.get("remove_token_pattern", False)
-        if not isinstance(remove, bool):
-            raise WrongModelError(f"{folder / 'model_index.json'}: remove_token_pattern must be true or false, got {remove!r}")
-        return {"remove_token_pattern": remove}
+        return {"remove_token_pattern": token_pattern_option(index, folder / "model_index.json")}

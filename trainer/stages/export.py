@@ -34,5 +34,5 @@ def run_export(cfg, stage: str, resume: str | None = None):
     decision = final_dir(cfg, "prune-export") / "decision.json"
     if decision.is_file():
         (out / "pruning.json").write_text(decision.read_text())
-    (out / "training.json").write_text(json.dumps({"config": cfg.name, "teacher": cfg.teacher}, indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps({"run": cfg.name, "teacher": cfg.teacher}, indent=2) + "\n")
     return out

@@ -181,7 +181,8 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     torch.nn.init.zeros_(transformer.proj_out.weight)
     torch.nn.init.zeros_(transformer.proj_out.bias)
     prompt, pooled = fixed_condition(cfg, transformer)
-    # the pipeline is the training graph too: its `predict` is what inference will run
+    # the pipeline is the training graph too: its `predict` is what inference will run (then less its token
+    # pattern when remove_token_pattern is set)
     pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device, remove_token_pattern=cfg.remove_token_pattern)
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
     target = "prior" if cfg.standins.target == "realesrgan" else "gt"
