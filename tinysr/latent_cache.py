@@ -106,9 +106,10 @@ def teacher_settings(pipe) -> dict:
 
 
 def check_teacher_settings(index: dict, pipe, where: Path) -> None:
-    cached = {"remove_token_pattern": False, **{k: index[k] for k in ("scaling_factor", "remove_token_pattern") if k in index}}
-    if cached != teacher_settings(pipe):
-        raise WrongModelError(f"{where}: the latents were cached by a teacher with {cached}, not {teacher_settings(pipe)}; delete the cache to rebuild it")
+    cached = {"scaling_factor": index.get("scaling_factor"), "remove_token_pattern": index.get("remove_token_pattern", False)}
+    teacher = teacher_settings(pipe)
+    if cached != teacher:
+        raise WrongModelError(f"{where}: the latents were cached by a teacher with {cached}, not {teacher}; delete the cache to rebuild it")
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):
