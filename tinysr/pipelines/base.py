@@ -127,7 +127,6 @@ class OneStepSRPipeline:
     default_color_fix = "adain"
     model_index_name = ""
     official_clamps_input = False  # the release scripts clamp the bicubic input to [-1, 1] for TSD-SR, not for TinySR
-    remove_token_pattern = False
 
     def __init__(self, transformer, vae, *, device=None, dtype="fp32", remove_token_pattern: bool = False):
         """`dtype`: fp32, fp16, bf16, int8 (the transformer's linears in dynamic int8, CPU) or auto (see `resolve_precision`).
