@@ -20,6 +20,7 @@ from tinysr.errors import MissingWeightsError, UnsupportedOption
 from tinysr.onnx import OnnxPipeline, export_onnx
 from tinysr.pipelines import TSDSRPipeline, load_pipeline
 from tinysr.pipelines.base import processing_size
+from tinysr.quantization import int8_engine, quantize_linears_int8
 from tinysr.tiling import tile_boxes
 
 
@@ -74,6 +75,37 @@ def test_int8_is_close_to_fp32_saves_float_weights_and_switches_back(tmp_path):
     assert pipe.num_parameters() == again.num_parameters()
     pipe.to(dtype="fp32")
     assert torch.equal(pipe(image, tile_size=16, tile_overlap=4).image, ref)
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_int8_packs_for_onednn_where_the_cpu_has_amx_and_leaves_the_engine_as_it_was(monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    default = torch.backends.quantized.engine
+    expected = "onednn" if amx and "onednn" in torch.backends.quantized.supported_engines else default
+    assert int8_engine() == expected
+    seen = []
+    monkeypatch.setattr(torch.ao.nn.quantized.dynamic.Linear, "from_float", wrap_recording_engine(seen))
+    student = make_student()
+    image = random_image(48, 40)
+    vae = make_tiny_vae()
+    ref = TinySRPipeline(student, vae)(image, tile_size=16, tile_overlap=4).image
+    quantized = quantize_linears_int8(student)
+    assert set(seen) == {expected} and torch.backends.quantized.engine == default
+    float_linears = {id(p) for m in student.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()}
+    assert not float_linears & {id(p) for p in quantized.parameters()}  # the copy kept no float linear
+    assert not any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in student.modules())  # the original untouched
+    out = TinySRPipeline(quantized, vae)(image, tile_size=16, tile_overlap=4).image
+    assert psnr(out, ref) >= 40
+
+
+def wrap_recording_engine(seen):
+    original = torch.ao.nn.quantized.dynamic.Linear.from_float.__func__
+
+    def from_float(cls, *args, **kwargs):
+        seen.append(torch.backends.quantized.engine)
+        return original(cls, *args, **kwargs)
+
+    return classmethod(from_float)
 
 
 def test_batched_tiles_and_images_match_one_at_a_time():
