@@ -28,8 +28,8 @@ def int8_engine() -> str:
 def quantize_linears_int8(model: torch.nn.Module) -> torch.nn.Module:
     """An int8 copy of `model` (per-channel weights, activations quantized per call); the float model is left as it was.
 
-    The copy shares the float linears' tensors while it is built instead of duplicating them, so a model
-    as large as SD3's quantizes within the memory that holds it once more in int8, not twice in fp32.
+    The copy shares the float linears' tensors while it is built instead of duplicating them, so quantizing
+    SD3's transformer needs room for its int8 copy beside the float model, not for a second fp32 one.
     """
     if next(model.parameters()).device.type != "cpu":
         raise UnsupportedOption("int8 runs on the CPU only")

@@ -195,8 +195,8 @@ class OneStepSRPipeline:
         On CUDA, CUDA graphs (`reduce-overhead`). On the CPU inductor's freezing is switched on for the process
         (it changes only graphs compiled without gradients, and `torch.compile(options=...)` did not apply it
         here): it folds the weights into the graph, prepacked for oneDNN, and fuses each linear with its GELU.
-        Paper-size TinySR's bf16 transformer took 0.55 s instead of 0.64 (compiled without freezing, 0.64) on a
-        2-core Xeon with AMX.
+        Paper-size TinySR's bf16 transformer on a 2-core Xeon with AMX: 0.64 s eager or compiled without
+        freezing, 0.55 s with it.
         """
         if self.device.type == "cpu":
             import torch._inductor.config
