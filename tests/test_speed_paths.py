@@ -3,12 +3,14 @@
 import contextlib
 import io
 import json
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from tests.conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
 from tests.test_cli import cli, main_in_process, photo
@@ -64,17 +66,28 @@ def test_int8_is_close_to_fp32_saves_float_weights_and_switches_back(tmp_path):
     pipe = TinySRPipeline(make_student(), make_tiny_vae())
     image = random_image(48, 40)
     ref = pipe(image, tile_size=16, tile_overlap=4).image
+    beside = TinySRPipeline(make_student(), make_tiny_vae(), dtype="auto")(image, tile_size=16, tile_overlap=4).image  # int8's float rest
     pipe.to(dtype="int8")
     linears = [m for m in pipe.transformer.modules() if isinstance(m, (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear))]
     assert linears and all(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in linears)
+    # the VAE runs in the CPU's faster float, the float transformer stays fp32 for a later switch back
+    assert pipe.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_precision("auto", torch.device("cpu"))]
+    assert {p.dtype for p in pipe.vae.parameters()} == {pipe.dtype}
+    assert {p.dtype for p in pipe.modules()["transformer"].parameters()} == {torch.float32}
     out = pipe(image, tile_size=16, tile_overlap=4)
-    assert out.dtype == "int8" and psnr(out.image, ref) >= 40 and not torch.equal(out.image, ref)
+    assert out.dtype == "int8" and psnr(out.image, beside) >= 40 and psnr(out.image, ref) >= 35 and not torch.equal(out.image, beside)
     pipe.save_pretrained(tmp_path / "saved")  # the float weights, while int8 runs
     again = load_pipeline(str(tmp_path / "saved"), dtype="fp32")
     assert torch.equal(again(image, tile_size=16, tile_overlap=4).image, ref)
     assert pipe.num_parameters() == again.num_parameters()
     pipe.to(dtype="fp32")
     assert torch.equal(pipe(image, tile_size=16, tile_overlap=4).image, ref)
+    pipe.to(dtype="bf16").to(dtype="int8").to(dtype="fp32")  # every switch down keeps the fp32 values for the way back
+    assert torch.equal(pipe(image, tile_size=16, tile_overlap=4).image, ref) and not pipe._fp32_weights
+    half = pipe.save_pretrained(tmp_path / "fp16", dtype="fp16")  # saving in another precision leaves the model be
+    assert torch.equal(pipe(image, tile_size=16, tile_overlap=4).image, ref)
+    assert {p.dtype for p in load_pipeline(str(half), dtype="fp32").transformer.parameters()} == {torch.float32}
+    assert {v.dtype for v in load_file(half / "transformer" / "diffusion_pytorch_model.safetensors").values()} == {torch.float16}
 
 
 @pytest.mark.parametrize("amx", [False, True])
@@ -130,6 +143,33 @@ def test_compiled_pipeline_matches_eager():
     image = random_image(24, 32)
     eager = pipe(image).image
     assert (pipe.compile()(image).image - eager).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("make", [lambda: TinySRPipeline(make_student(), make_tiny_vae()), tiny_tsdsr], ids=["tinysr", "tsdsr"])
+def test_compiled_int8_quantizes_every_linear_and_stays_close_to_fp32(make):
+    """int8 + `--compile`: torchao's PT2E int8 linears, lowered by inductor; any batch and size after one export."""
+    pipe = make()
+    images = [random_image(48, 40), random_image(20, 36, seed=3)]
+    refs = [pipe(image, tile_size=16, tile_overlap=4).image for image in images]
+    float_linears = sum(isinstance(m, torch.nn.Linear) for m in pipe.transformer.modules())
+    pipe.to(dtype="int8").compile()
+    outs = [pipe(image, tile_size=16, tile_overlap=4) for image in images]
+    batch = pipe.upscale_batch([images[0], images[0]], tile_size=16, tile_overlap=4)
+    for out, ref in zip(outs, refs):
+        assert out.dtype == "int8" and 35 <= psnr(out.image, ref) < 100
+    assert all(psnr(r.image, outs[0].image) >= 40 for r in batch), [psnr(r.image, outs[0].image) for r in batch]  # per-call scales see the batch
+    graph = pipe.transformer.compiled.model.graph  # the quantized export inductor compiles
+    weights = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
+    dynamic = [n for n in graph.nodes if "choose_qparams" in str(n.target)]
+    assert len(weights) >= float_linears and len(dynamic) >= float_linears // 2  # and the patch embedding; q, k, v share an input
+    assert {p.dtype for p in pipe.modules()["transformer"].parameters()} == {torch.float32}
+
+
+def test_compiled_int8_without_torchao_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao.quantization.pt2e.quantize_pt2e", None)
+    pipe = TinySRPipeline(make_student(), make_tiny_vae()).to(dtype="int8").compile()
+    with pytest.raises(UnsupportedOption, match=r"needs torchao \(pip install torchao=="):
+        pipe(random_image(16, 16))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,13 @@ and commands that never touch a model start fast.
 """
 
 import importlib
+import logging
+
+# diffusers imports torchao (the int8 --compile path) whenever it is installed, and torchao's import logs three
+# harmless lines (a torch deprecation, diffusers' checkpoint support, bitsandbytes' optional kernels) that would
+# otherwise open every command's output
+for _logger in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 _LAZY = {

@@ -92,10 +92,11 @@ def default_precisions(device: torch.device) -> list[str]:
 
 @torch.no_grad()
 def run_benchmark(
-    size=128, device="auto", repeats=2, dtypes=None, scale="paper", baselines=(), onnx=False, batch_sizes=(), log=print
+    size=128, device="auto", repeats=2, dtypes=None, scale="paper", baselines=(), onnx=False, batch_sizes=(), compile=False, log=print
 ) -> dict:
     """Per-stage latency for each precision (and the ONNX backend with `onnx`); with `batch_sizes`, end-to-end
-    throughput (images/s, peak memory) of whole images in batches, in the first precision."""
+    throughput (images/s, peak memory) of whole images in batches, in the first precision. With `compile` both
+    pipelines are timed as `--compile` runs them (the untimed warm-up call pays the compilation)."""
     device = pick_device(device)
     precisions = list(dict.fromkeys(resolve_precision(d, device) for d in (dtypes or default_precisions(device))))
     if any(b != "realesrgan-x4plus" for b in baselines):
@@ -110,6 +111,7 @@ def run_benchmark(
         "torch": torch.__version__,
         "native_bf16": native_bf16() if device.type == "cpu" else None,
         "scale": scale,
+        "compiled": compile,
         "models": {},
     }
     generator = torch.Generator().manual_seed(0)
@@ -124,12 +126,16 @@ def run_benchmark(
         entry["macs"] = {stage: count_macs(fn) for stage, fn in fns.items()}
         for precision in precisions:
             pipe.to(dtype=precision)
-            log(f"timing {name} {precision} ...")
+            if compile:
+                pipe.compile()
+            log(f"timing {name} {precision}{' compiled' if compile else ''} ...")
             entry["latency"][precision] = time_stages(pipe, x.to(pipe.dtype), device, repeats)
         if onnx:
             entry["latency"]["onnx fp32"] = time_onnx(pipe, x, device, repeats, log, name)
         if batch_sizes:
             pipe.to(dtype=precisions[0])
+            if compile:
+                pipe.compile()
             entry["throughput"] = {str(b): throughput(pipe, x, b, device, repeats, log, name) for b in batch_sizes}
             entry["throughput_dtype"] = precisions[0]
         results["models"][name] = entry
@@ -216,7 +222,8 @@ def device_label(r: dict) -> str:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"device: {device_label(r)}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"]
+    lines = [f"device: {device_label(r)}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"
+             + ("   compiled (--compile)" if r.get("compiled") else "")]
     names = list(r["models"])
     header = f"{'':34s}" + "".join(f"{n:>14s}" for n in names)
     lines += [header, "-" * len(header)]

@@ -210,6 +210,7 @@ def add_bench(sub):
     p.add_argument("--onnx", action="store_true", help="also export both models to ONNX and time them with onnxruntime (fp32)")
     p.add_argument("--throughput", action="store_true", help="also whole images in batches: images/s and peak memory")
     p.add_argument("--batch-sizes", default=None, help="with --throughput; default 1,2,4,8,16,32 on CUDA, 1,2,4 elsewhere")
+    p.add_argument("--compile", action="store_true", help="time the pipelines as --compile runs them (compilation not timed)")
     p.set_defaults(func=run_bench)
 
 
@@ -233,6 +234,7 @@ def run_bench(args) -> int:
         baselines=args.baseline,
         onnx=args.onnx,
         batch_sizes=throughput_batches(args),
+        compile=args.compile,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     print(format_table(results))

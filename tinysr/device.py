@@ -13,7 +13,7 @@ import torch
 from .errors import OutOfMemory, UnsupportedOption
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# what a user may ask for: the float dtypes, int8 (dynamic int8 linears on CPU, fp32 elsewhere) and auto
+# what a user may ask for: the float dtypes, int8 (int8 linears in the transformer, CPU only) and auto
 PRECISIONS = (*DTYPES, "int8", "auto")
 
 

@@ -7,6 +7,7 @@ Subclasses only say how to predict the noise (`predict`) and how they are stored
 import json
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from ..official import (
     official_tiled_predict,
     quantize_like_script,
 )
-from ..quantization import quantize_linears_int8
+from ..quantization import CompiledInt8, Int8Transformer, quantize_linears_int8
 from ..tiling import tiled_map
 from ..weights import read_json
 
@@ -136,6 +137,8 @@ class OneStepSRPipeline:
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self._float_transformer = None  # the float model while `transformer` is its int8 copy
+        self._fp32_weights = {}  # fp32 values of modules switched to a lower precision, to switch back exactly
+        self.precision = None
         self.to(self.device, dtype)
 
     # ----- what subclasses provide -----
@@ -153,24 +156,48 @@ class OneStepSRPipeline:
 
     # ----- shared machinery -----
     def to(self, device=None, dtype=None):
-        """Move and cast; int8 quantizes a copy of the float transformer, any other precision brings the float one back."""
+        """Move and cast; int8 quantizes a copy of the fp32 transformer and runs the VAE in the CPU's faster float
+        (bf16 where native, as `auto` picks), any other precision brings the float transformer back.
+
+        A switch from fp32 to a lower precision keeps the fp32 values (in CPU memory) until the switch back, which
+        then gives the fp32 model exactly; a pipeline built in a lower precision has no fp32 values to return to.
+        """
         self.device = pick_device(device) if device is not None else self.device
         if isinstance(dtype, torch.dtype):
             dtype = dtype_name(parse_dtype(dtype))
+        switching = self.precision is not None
         self.precision = resolve_precision(dtype or self.precision, self.device)
-        self.dtype = torch.float32 if self.precision == "int8" else parse_dtype(self.precision)
+        int8 = self.precision == "int8"
+        self.dtype = parse_dtype(resolve_precision("auto", self.device) if int8 else self.precision)
         if self._float_transformer is not None:
             self.transformer, self._float_transformer = self._float_transformer, None
         for name, module in self.modules().items():
-            if self.dtype == torch.float16:
+            dtype = torch.float32 if int8 and name == "transformer" else self.dtype
+            if dtype == torch.float16:
                 self._keep_fp16_overflows(name, module)
+            if switching and dtype != torch.float32:
+                self._keep_fp32_weights(name, module)
             # nn.Module.to: ModelMixin.to only adds a warning about fp32-pinned modules, which these lack
-            torch.nn.Module.to(module, self.device, self.dtype)
-            if self.dtype != torch.float16:
+            torch.nn.Module.to(module, self.device, dtype)
+            self._restore_fp32_weights(name, module, release=dtype == torch.float32)
+            if dtype != torch.float16:
                 self._restore_fp16_overflows(name, module)
-        if self.precision == "int8":
-            self._float_transformer, self.transformer = self.transformer, quantize_linears_int8(self.transformer)
+        if int8:
+            self._float_transformer, self.transformer = self.transformer, Int8Transformer(quantize_linears_int8(self.transformer))
         return self
+
+    @torch.no_grad()
+    def _keep_fp32_weights(self, name: str, module) -> None:
+        state = module.state_dict()
+        if name not in self._fp32_weights and all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point()):
+            self._fp32_weights[name] = {k: t.detach().to("cpu", copy=True) for k, t in state.items() if t.is_floating_point()}
+
+    @torch.no_grad()
+    def _restore_fp32_weights(self, name: str, module, release: bool) -> None:
+        kept = self._fp32_weights.pop(name, None) if release else self._fp32_weights.get(name)
+        state = module.state_dict()
+        for key, value in (kept or {}).items():
+            state[key].copy_(value)
 
     @torch.no_grad()
     def _keep_fp16_overflows(self, name: str, module) -> None:
@@ -197,13 +224,23 @@ class OneStepSRPipeline:
         here): it folds the weights into the graph, prepacked for oneDNN, and fuses each linear with its GELU.
         Paper-size TinySR's bf16 transformer on a 2-core Xeon with AMX: 0.64 s eager or compiled without
         freezing, 0.55 s with it.
+
+        SD3's VAE (AutoencoderKL) stays eager on the CPU, where inductor made it slower (paper size, bf16, encode /
+        decode: 0.81 / 1.43 s eager, 0.91 / 1.83 compiled). With int8 the transformer becomes a `CompiledInt8` of the
+        float one (torchao's int8 linears lowered by inductor to oneDNN, the rest in the VAE's float dtype).
         """
-        if self.device.type == "cpu":
+        cpu = self.device.type == "cpu"
+        if cpu:
             import torch._inductor.config
 
             torch._inductor.config.freezing = True
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
-        modules = [self.transformer, *(getattr(self.vae, part) for part in ("encoder", "decoder") if hasattr(self.vae, part))]
+        vae_parts = [] if cpu and isinstance(self.vae, AutoencoderKL) else ("encoder", "decoder")
+        modules = [getattr(self.vae, part) for part in vae_parts if hasattr(self.vae, part)]
+        if self.precision == "int8":
+            self.transformer = CompiledInt8(self._float_transformer, self.dtype)
+        else:
+            modules.append(self.transformer)
         for module in modules:
             module.compile(mode=mode, dynamic=False)
         return self
@@ -435,12 +472,11 @@ class OneStepSRPipeline:
         """Our single-folder format: model_index.json + one subfolder per component (safetensors), README.md from `model_card`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        # int8's float model is the fp32 transformer beside a VAE in the CPU's faster float: both saved in fp32
+        target = parse_dtype(dtype) if dtype is not None else torch.float32 if self.precision == "int8" else self.dtype
         for name, module in self.modules().items():
-            original = next(module.parameters()).dtype
-            if dtype is not None:
-                torch.nn.Module.to(module, parse_dtype(dtype))
-            module.save_pretrained(folder / name, safe_serialization=True)
-            torch.nn.Module.to(module, original)
+            with self._weights_as(name, module, target):
+                module.save_pretrained(folder / name, safe_serialization=True)
             config = folder / name / "config.json"
             values = json.loads(config.read_text())
             if values.pop("_name_or_path", None) is not None:  # where this machine loaded it from, not part of the model
@@ -460,6 +496,22 @@ class OneStepSRPipeline:
             api.create_repo(push_to_hub, exist_ok=True)
             api.upload_folder(repo_id=push_to_hub, folder_path=str(folder))
         return folder
+
+    @contextmanager
+    def _weights_as(self, name: str, module, dtype: torch.dtype):
+        """The module's float tensors briefly swapped for `dtype` copies of their exact values (the kept fp32 ones
+        where a switch left them), so saving in another precision leaves the running model as it was."""
+        kept = self._fp32_weights.get(name, {})
+        swapped = []
+        for key, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and (tensor.dtype != dtype or key in kept):
+                swapped.append((tensor, tensor.data))
+                tensor.data = kept.get(key, tensor.data).to(tensor.device, dtype)
+        try:
+            yield
+        finally:
+            for tensor, data in swapped:
+                tensor.data = data
 
     def _save_extras(self, folder: Path) -> None:
         pass
