@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
+from tests.conftest import TINY_STUDENT, make_kl, make_sd3, make_student, make_tiny_vae, perturb, random_image
 from tests.test_cli import cli, main_in_process, photo
-from tinysr import TinySRPipeline
+from tinysr import TinySRPipeline, TinySRTransformer
 from tinysr import device as device_module
 from tinysr.cli import main
 from tinysr.device import resolve_precision
@@ -145,23 +145,37 @@ def test_compiled_pipeline_matches_eager():
     assert (pipe.compile()(image).image - eager).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("make", [lambda: TinySRPipeline(make_student(), make_tiny_vae()), tiny_tsdsr], ids=["tinysr", "tsdsr"])
+def small_table_tinysr():
+    """A position table of 8x8 tokens, so 16-latent tiles crop all of it (as the bundled demo's 32-latent tiles do)."""
+    torch.manual_seed(0)
+    return TinySRPipeline(perturb(TinySRTransformer(**{**TINY_STUDENT, "pos_embed_max_size": 8})), make_tiny_vae())
+
+
+def small_table_tsdsr():
+    pipe = tiny_tsdsr()
+    return TSDSRPipeline(make_sd3(pos_embed_max_size=8), pipe.vae, pipe.prompt_embeds, pipe.pooled_embeds)
+
+
+@pytest.mark.parametrize("make", [small_table_tinysr, small_table_tsdsr], ids=["tinysr", "tsdsr"])
 def test_compiled_int8_quantizes_every_linear_and_stays_close_to_fp32(make):
-    """int8 + `--compile`: torchao's PT2E int8 linears, lowered by inductor; any batch and size after one export."""
+    """int8 + `--compile`: torchao's PT2E int8 linears, lowered by inductor; one export per tile size, any batch."""
     pipe = make()
     images = [random_image(48, 40), random_image(20, 36, seed=3)]
-    refs = [pipe(image, tile_size=16, tile_overlap=4).image for image in images]
+    tiles = [16, 12]  # 16 latent px: the whole position table; 12: a crop of it
+    refs = [pipe(image, tile_size=tile, tile_overlap=4).image for image, tile in zip(images, tiles)]
     float_linears = sum(isinstance(m, torch.nn.Linear) for m in pipe.transformer.modules())
     pipe.to(dtype="int8").compile()
-    outs = [pipe(image, tile_size=16, tile_overlap=4) for image in images]
+    outs = [pipe(image, tile_size=tile, tile_overlap=4) for image, tile in zip(images, tiles)]
     batch = pipe.upscale_batch([images[0], images[0]], tile_size=16, tile_overlap=4)
     for out, ref in zip(outs, refs):
         assert out.dtype == "int8" and 35 <= psnr(out.image, ref) < 100
     assert all(psnr(r.image, outs[0].image) >= 40 for r in batch), [psnr(r.image, outs[0].image) for r in batch]  # per-call scales see the batch
-    graph = pipe.transformer.compiled.model.graph  # the quantized export inductor compiles
-    weights = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
-    dynamic = [n for n in graph.nodes if "choose_qparams" in str(n.target)]
-    assert len(weights) >= float_linears and len(dynamic) >= float_linears // 2  # and the patch embedding; q, k, v share an input
+    graphs = [c.model.graph for c in pipe.transformer.compiled.values()]  # the quantized exports inductor compiles, one a tile size
+    assert len(graphs) == 2
+    for graph in graphs:
+        weights = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
+        dynamic = [n for n in graph.nodes if "choose_qparams" in str(n.target)]
+        assert len(weights) >= float_linears and len(dynamic) >= float_linears // 2  # and the patch embedding; q, k, v share an input
     assert {p.dtype for p in pipe.modules()["transformer"].parameters()} == {torch.float32}
 
 
