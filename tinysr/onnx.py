@@ -113,7 +113,7 @@ class OnnxPipeline(OneStepSRPipeline):
         self.default_color_fix = self.config["default_color_fix"]
         self.official_clamps_input = self.config["official_clamps_input"]
         self.remove_token_pattern = token_pattern_option(self.config, self.folder / CONFIG_NAME)  # absent from earlier exports
-        self._float_transformer = None
+        self._float_models = {}
         self.device = pick_device(device)
         self.to(self.device, dtype)
 

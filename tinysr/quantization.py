@@ -2,13 +2,12 @@
 
 The linears are ~all of TinySR's transformer FLOPs. Eager, this is torch's dynamic quantization (fbgemm/oneDNN
 kernels; torch marks the API deprecated in favour of torchao, whose eager int8 tensors ran ~35x slower than fp32
-here), with attention and norms in fp32. Compiled (`compiled_int8`), torchao's PT2E flow with the x86 inductor
+here), with attention and norms in fp32. Compiled (`CompiledInt8`), torchao's PT2E flow with the x86 inductor
 quantizer: inductor lowers each int8 linear to one oneDNN kernel and runs the rest in bf16 where the CPU has it.
 """
 
 import copy
 import inspect
-import logging
 import warnings
 
 import torch
@@ -61,7 +60,7 @@ class Int8Transformer(torch.nn.Module):
         super().__init__()
         self.model = model
         self.autocast = autocast
-        self.config = getattr(model, "config", None)
+        self.config = getattr(model, "config", None)  # the pipeline reads the patch and table sizes
 
     def forward(self, latent, *args, **kwargs):
         def fp32(t):
@@ -88,8 +87,14 @@ class CompiledInt8(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, float_dtype: torch.dtype):
         super().__init__()
+        try:
+            from torchao.quantization.pt2e import quantize_pt2e
+            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+        except ImportError as e:
+            raise UnsupportedOption("int8 with --compile needs torchao (pip install torchao==0.18.0)") from e
+        self.pt2e, self.x86 = quantize_pt2e, x86_inductor_quantizer
         self.float_model = [model]  # a reference, not a submodule: the pipeline saves and counts it
-        self.config = getattr(model, "config", None)
+        self.config = getattr(model, "config", None)  # the pipeline reads the patch and table sizes
         self.float_dtype = float_dtype
         self.compiled = {}
 
@@ -101,22 +106,17 @@ class CompiledInt8(torch.nn.Module):
 
     @torch.no_grad()
     def _build(self, latent, args, kwargs):
-        try:
-            logging.getLogger("torchao").setLevel(logging.ERROR)
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-        except ImportError as e:
-            raise UnsupportedOption("int8 with --compile needs torchao (pip install torchao==0.18.0)") from e
         import torch._inductor.config
 
         torch._inductor.config.freezing = True
         model = self.float_model[0]
         example, shapes = example_batch_of_two(model, latent, args, kwargs)
         exported = torch.export.export(model, example[0], example[1], dynamic_shapes=shapes).module()
+        x86 = self.x86
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=True))
-        prepared = prepare_pt2e(exported, quantizer)
+        prepared = self.pt2e.prepare_pt2e(exported, quantizer)
         prepared(*example[0], **example[1])  # observes the weights; activations are quantized per call
-        converted = convert_pt2e(prepared)
+        converted = self.pt2e.convert_pt2e(prepared)
         autocast = None if self.float_dtype == torch.float32 else self.float_dtype
         if autocast is not None:
             without_dtype_asserts(converted)

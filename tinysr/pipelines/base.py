@@ -4,6 +4,7 @@ Two recipes run it: ours (`default`) and the release scripts' (`official`, see t
 Subclasses only say how to predict the noise (`predict`) and how they are stored.
 """
 
+import copy
 import json
 import time
 import warnings
@@ -104,6 +105,22 @@ def check_processed_size(loaded, recipe: str, max_pixels: int) -> None:
         )
 
 
+@contextmanager
+def weights_as(module: torch.nn.Module, dtype: torch.dtype | None):
+    """The module's float tensors briefly swapped for `dtype` copies, so saving in another precision leaves the
+    running model as it was (casting in place and back would round it)."""
+    swapped = []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            swapped.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in swapped:
+            tensor.data = data
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad bottom/right by reflection (replication when the image is too small to reflect)."""
     h, w = x.shape[-2:]
@@ -136,8 +153,7 @@ class OneStepSRPipeline:
         self.device = pick_device(device)
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
-        self._float_transformer = None  # the float model while `transformer` is its int8 copy
-        self._fp32_weights = {}  # fp32 values of modules switched to a lower precision, to switch back exactly
+        self._float_models = {}  # while int8 runs: the fp32 transformer and VAE whose copies run
         self.precision = None
         self.to(self.device, dtype)
 
@@ -156,48 +172,30 @@ class OneStepSRPipeline:
 
     # ----- shared machinery -----
     def to(self, device=None, dtype=None):
-        """Move and cast; int8 quantizes a copy of the fp32 transformer and runs the VAE in the CPU's faster float
-        (bf16 where native, as `auto` picks), any other precision brings the float transformer back.
-
-        A switch from fp32 to a lower precision keeps the fp32 values (in CPU memory) until the switch back, which
-        then gives the fp32 model exactly; a pipeline built in a lower precision has no fp32 values to return to.
-        """
+        """Move and cast in place; int8 runs copies beside the fp32 models (an int8 transformer, the VAE in the CPU's
+        faster float: bf16 where native, as `auto` picks), which any other precision drops again."""
         self.device = pick_device(device) if device is not None else self.device
         if isinstance(dtype, torch.dtype):
             dtype = dtype_name(parse_dtype(dtype))
-        switching = self.precision is not None
         self.precision = resolve_precision(dtype or self.precision, self.device)
         int8 = self.precision == "int8"
         self.dtype = parse_dtype(resolve_precision("auto", self.device) if int8 else self.precision)
-        if self._float_transformer is not None:
-            self.transformer, self._float_transformer = self._float_transformer, None
+        if self._float_models:
+            self.transformer, self.vae = self._float_models.pop("transformer"), self._float_models.pop("vae")
         for name, module in self.modules().items():
-            dtype = torch.float32 if int8 and name == "transformer" else self.dtype
+            dtype = torch.float32 if int8 else self.dtype
             if dtype == torch.float16:
                 self._keep_fp16_overflows(name, module)
-            if switching and dtype != torch.float32:
-                self._keep_fp32_weights(name, module)
             # nn.Module.to: ModelMixin.to only adds a warning about fp32-pinned modules, which these lack
             torch.nn.Module.to(module, self.device, dtype)
-            self._restore_fp32_weights(name, module, release=dtype == torch.float32)
             if dtype != torch.float16:
                 self._restore_fp16_overflows(name, module)
         if int8:
-            self._float_transformer, self.transformer = self.transformer, Int8Transformer(quantize_linears_int8(self.transformer))
+            self._float_models = {"transformer": self.transformer, "vae": self.vae}
+            self.transformer = Int8Transformer(quantize_linears_int8(self.transformer))
+            if self.dtype != torch.float32:
+                self.vae = torch.nn.Module.to(copy.deepcopy(self.vae), self.dtype)
         return self
-
-    @torch.no_grad()
-    def _keep_fp32_weights(self, name: str, module) -> None:
-        state = module.state_dict()
-        if name not in self._fp32_weights and all(t.dtype == torch.float32 for t in state.values() if t.is_floating_point()):
-            self._fp32_weights[name] = {k: t.detach().to("cpu", copy=True) for k, t in state.items() if t.is_floating_point()}
-
-    @torch.no_grad()
-    def _restore_fp32_weights(self, name: str, module, release: bool) -> None:
-        kept = self._fp32_weights.pop(name, None) if release else self._fp32_weights.get(name)
-        state = module.state_dict()
-        for key, value in (kept or {}).items():
-            state[key].copy_(value)
 
     @torch.no_grad()
     def _keep_fp16_overflows(self, name: str, module) -> None:
@@ -238,7 +236,7 @@ class OneStepSRPipeline:
         vae_parts = [] if cpu and isinstance(self.vae, AutoencoderKL) else ("encoder", "decoder")
         modules = [getattr(self.vae, part) for part in vae_parts if hasattr(self.vae, part)]
         if self.precision == "int8":
-            self.transformer = CompiledInt8(self._float_transformer, self.dtype)
+            self.transformer = CompiledInt8(self._float_models["transformer"], self.dtype)
         else:
             modules.append(self.transformer)
         for module in modules:
@@ -247,8 +245,7 @@ class OneStepSRPipeline:
 
     def modules(self) -> dict:
         """The float models (what is saved and counted, also while int8 runs)."""
-        transformer = self.transformer if self._float_transformer is None else self._float_transformer
-        return {"transformer": transformer, "vae": self.vae}
+        return dict(self._float_models) or {"transformer": self.transformer, "vae": self.vae}
 
     def num_parameters(self) -> dict:
         return {name: sum(p.numel() for p in m.parameters()) for name, m in self.modules().items()}
@@ -472,10 +469,8 @@ class OneStepSRPipeline:
         """Our single-folder format: model_index.json + one subfolder per component (safetensors), README.md from `model_card`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        # int8's float model is the fp32 transformer beside a VAE in the CPU's faster float: both saved in fp32
-        target = parse_dtype(dtype) if dtype is not None else torch.float32 if self.precision == "int8" else self.dtype
         for name, module in self.modules().items():
-            with self._weights_as(name, module, target):
+            with weights_as(module, None if dtype is None else parse_dtype(dtype)):
                 module.save_pretrained(folder / name, safe_serialization=True)
             config = folder / name / "config.json"
             values = json.loads(config.read_text())
@@ -496,22 +491,6 @@ class OneStepSRPipeline:
             api.create_repo(push_to_hub, exist_ok=True)
             api.upload_folder(repo_id=push_to_hub, folder_path=str(folder))
         return folder
-
-    @contextmanager
-    def _weights_as(self, name: str, module, dtype: torch.dtype):
-        """The module's float tensors briefly swapped for `dtype` copies of their exact values (the kept fp32 ones
-        where a switch left them), so saving in another precision leaves the running model as it was."""
-        kept = self._fp32_weights.get(name, {})
-        swapped = []
-        for key, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if tensor.is_floating_point() and (tensor.dtype != dtype or key in kept):
-                swapped.append((tensor, tensor.data))
-                tensor.data = kept.get(key, tensor.data).to(tensor.device, dtype)
-        try:
-            yield
-        finally:
-            for tensor, data in swapped:
-                tensor.data = data
 
     def _save_extras(self, folder: Path) -> None:
         pass
