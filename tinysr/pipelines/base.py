@@ -154,7 +154,6 @@ class OneStepSRPipeline:
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
         self._float_models = {}  # while int8 runs: the fp32 transformer and VAE whose copies run
-        self.precision = None
         self.to(self.device, dtype)
 
     # ----- what subclasses provide -----
@@ -182,13 +181,13 @@ class OneStepSRPipeline:
         self.dtype = parse_dtype(resolve_precision("auto", self.device) if int8 else self.precision)
         if self._float_models:
             self.transformer, self.vae = self._float_models.pop("transformer"), self._float_models.pop("vae")
+        cast = torch.float32 if int8 else self.dtype
         for name, module in self.modules().items():
-            dtype = torch.float32 if int8 else self.dtype
-            if dtype == torch.float16:
+            if cast == torch.float16:
                 self._keep_fp16_overflows(name, module)
             # nn.Module.to: ModelMixin.to only adds a warning about fp32-pinned modules, which these lack
-            torch.nn.Module.to(module, self.device, dtype)
-            if dtype != torch.float16:
+            torch.nn.Module.to(module, self.device, cast)
+            if cast != torch.float16:
                 self._restore_fp16_overflows(name, module)
         if int8:
             self._float_models = {"transformer": self.transformer, "vae": self.vae}
