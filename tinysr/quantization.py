@@ -77,7 +77,7 @@ class Int8Transformer(torch.nn.Module):
 class CompiledInt8(torch.nn.Module):
     """`model` with int8 linears, built at the first call for each latent size (tiles share one): exported with the
     batch dynamic, quantized by torchao's X86InductorQuantizer (per-channel weights, activations per call, so no
-    calibration set) and compiled by inductor with weight freezing.
+    calibration set) and compiled by inductor (with the weight freezing the pipeline's `compile` switches on).
 
     Sizes are not left dynamic: export then guards a crop of the position table on the size it saw, and a tile of
     the table's full width failed that guard. Paper-size TinySR's transformer on a 2-core Xeon with AMX (random
@@ -106,16 +106,13 @@ class CompiledInt8(torch.nn.Module):
 
     @torch.no_grad()
     def _build(self, latent, args, kwargs):
-        import torch._inductor.config
-
-        torch._inductor.config.freezing = True
         model = self.float_model[0]
-        example, shapes = example_batch_of_two(model, latent, args, kwargs)
-        exported = torch.export.export(model, example[0], example[1], dynamic_shapes=shapes).module()
+        example_args, example_kwargs, shapes = example_batch_of_two(model, latent, args, kwargs)
+        exported = torch.export.export(model, example_args, example_kwargs, dynamic_shapes=shapes).module()
         x86 = self.x86
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=True))
         prepared = self.pt2e.prepare_pt2e(exported, quantizer)
-        prepared(*example[0], **example[1])  # observes the weights; activations are quantized per call
+        prepared(*example_args, **example_kwargs)  # observes the weights; activations are quantized per call
         converted = self.pt2e.convert_pt2e(prepared)
         autocast = None if self.float_dtype == torch.float32 else self.float_dtype
         if autocast is not None:
@@ -142,5 +139,4 @@ def example_batch_of_two(model, latent, args, kwargs):
             value = value.float() if value.is_floating_point() else value
         inputs[name] = value
         shapes[name] = {0: batch} if isinstance(value, torch.Tensor) and value.ndim else None
-    first = next(iter(inputs))
-    return ((inputs.pop(first),), inputs), {first: shapes.pop(first), **shapes}
+    return (inputs.pop(next(iter(inputs))),), inputs, shapes
