@@ -62,6 +62,28 @@ def test_freed_memory_stays_for_the_next_call_and_peak_memory_still_sees_it():
         assert 45 * 2**20 < memory.peak_bytes < 70 * 2**20, memory.peak_bytes
 
 
+def test_nested_peak_memory_on_cuda_keeps_the_outer_peak(monkeypatch):
+    """One CUDA peak counter: the tiler's measurement of its first tile must not hide the app's earlier peak."""
+    state = {"allocated": 0, "peak": 0}
+
+    def alloc(n):
+        state["allocated"] += n
+        state["peak"] = max(state["peak"], state["allocated"])
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    alloc(7)
+    with device_module.PeakMemory("cuda") as outer:
+        alloc(100), alloc(-100)  # the encoder's peak
+        with device_module.PeakMemory(torch.device("cuda", 0)) as inner:
+            alloc(30), alloc(-30)
+        alloc(50), alloc(-50)
+    assert (inner.peak_bytes, outer.peak_bytes) == (30, 100)
+
+
 def test_int8_is_close_to_fp32_saves_float_weights_and_switches_back(tmp_path):
     pipe = TinySRPipeline(make_student(), make_tiny_vae())
     image = random_image(48, 40)
@@ -124,9 +146,18 @@ def test_batched_tiles_and_images_match_one_at_a_time():
     images = [random_image(40, 56, seed=0), random_image(24, 20, seed=1), random_image(40, 56, seed=2)]
     options = dict(tile_size=32, tile_overlap=4, vae_tile_size=32, vae_tile_overlap=4)
     single = [pipe(image, **options, tile_batch=1) for image in images]
+    calls = {"transformer": [], "encoder": [], "decoder": []}
+    for name, module in (("transformer", pipe.transformer), ("encoder", pipe.vae.encoder), ("decoder", pipe.vae.decoder)):
+        module.register_forward_pre_hook(lambda m, args, kwargs, name=name: calls[name].append(len(args[0] if args else kwargs["hidden_states"])), with_kwargs=True)
     tiles = pipe(images[0], **options, tile_batch=5)
     assert processing_size(40, 56) == (512, 716) and len(tile_boxes(64, 90, 32, 4, 2)) == 12  # so the first image is 12 tiles
     assert (tiles.image - single[0].image).abs().max() < 1e-5
+    # the first tile alone (its peak memory sets the batch), then batches of 5; the CPU's VAEs take tiles one at a time
+    assert calls["transformer"] == [1, 5, 5, 1] and calls["encoder"] == calls["decoder"] == [1] * 12
+    calls["transformer"].clear()
+    pipe.tile_memory_budget = lambda: 1  # not even one tile fits: one at a time, still
+    assert torch.equal(pipe(images[0], **options, tile_batch=5).image, single[0].image) and calls["transformer"] == [1] * 12
+    del pipe.tile_memory_budget
     batch = pipe.upscale_batch(images, **options, tile_batch=3)
     assert [r.batch_size for r in batch] == [2, 1, 2]
     for one, together in zip(single, batch):

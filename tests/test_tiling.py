@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,22 @@ def test_scaled_grids_for_encoder_and_decoder():
     up = tiled_map(lambda t: F.interpolate(t, scale_factor=8, mode="nearest"), z, tile=4, overlap=2, y_scale=8)
     assert up.shape == (1, 16, 80, 112)
     assert torch.allclose(up, F.interpolate(z, scale_factor=8, mode="nearest"), atol=1e-6)
+
+
+def test_batches_hold_as_many_tiles_as_the_memory_budget_allows():
+    sizes = []
+
+    def fn(t):
+        sizes.append(len(t))
+        held = torch.ones(len(t), 12 * 2**20)  # 48 MB per tile, written, so in use
+        time.sleep(0.05)  # long enough for the CPU's peak sampler (every 5 ms)
+        return torch.tanh(t) + held[:, :1, None, None] * 0
+
+    x = torch.randn(1, 3, 22, 30)
+    assert len(tile_boxes(22, 30, 8, 3)) == 24
+    out = tiled_map(fn, x, tile=8, overlap=3, batch=8, memory_budget=170 * 2**20)
+    assert sizes == [1] + [3] * 7 + [2]  # the first tile measured alone: 170 MB hold 3 of ~48 MB
+    assert torch.allclose(out, torch.tanh(x), atol=1e-6)
+    sizes.clear()
+    tiled_map(fn, x, tile=8, overlap=3, batch=8, memory_budget=2**40)
+    assert sizes == [1, 8, 8, 7]

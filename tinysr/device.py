@@ -129,10 +129,16 @@ def heap_free_bytes() -> int:
 
 class PeakMemory:
     """Peak memory of the block: allocator peak on CUDA; on CPU the peak above its start of the process RSS less
-    the freed memory glibc holds for reuse, sampled every few milliseconds (torch keeps no CPU statistics)."""
+    the freed memory glibc holds for reuse, sampled every few milliseconds (torch keeps no CPU statistics). Blocks
+    may nest (the tiler measures its first tile inside the app's measurement): CUDA has one peak counter, so an
+    inner block hands the peak so far to the blocks around it before resetting it."""
+
+    _open_cuda: list = []
 
     def __init__(self, device: torch.device, interval_s: float = 0.005):
         self.device, self.interval_s = torch.device(device), interval_s
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" count as one
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.peak_bytes = 0
 
     @property
@@ -142,8 +148,12 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            for outer in PeakMemory._open_cuda:
+                if outer.device == self.device:
+                    outer._peak = max(outer._peak, torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+            self._base = self._peak = torch.cuda.memory_allocated(self.device)
+            PeakMemory._open_cuda.append(self)
             return self
         import threading
 
@@ -168,7 +178,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            PeakMemory._open_cuda.remove(self)
+            self.peak_bytes = max(self._peak, torch.cuda.max_memory_allocated(self.device)) - self._base
         else:
             self._stop.set()
             self._thread.join()
@@ -197,6 +208,18 @@ def memory_limit_bytes(device: torch.device) -> int:
     except ImportError:  # Windows
         pass
     return limit
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a step could still take: on CUDA what the GPU has free plus what torch's allocator holds unused; elsewhere
+    what the OS has available plus the freed memory glibc keeps for reuse."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    import psutil
+
+    return psutil.virtual_memory().available + heap_free_bytes()
 
 
 def out_of_memory_message(e: BaseException, device: torch.device | str, what: str = "this image") -> str:

@@ -5,9 +5,12 @@ grids, so one function tiles the transformer (1, 1), a VAE encoder (8, 1) and a 
 """
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+
+from .device import PeakMemory
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -56,24 +59,32 @@ def tiled_map(
     y_scale: int = 1,
     align: int = 1,
     batch: int = 1,
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """Apply `fn` tile by tile and blend; a single tile is just `fn(x)`, bit for bit.
 
     `tile`, `overlap` and `align` are in latent units; `x_scale`/`y_scale` are the number of
-    input/output pixels per latent pixel. `batch` tiles (all of one size) go through `fn` at once.
+    input/output pixels per latent pixel. Up to `batch` tiles (all of one size) go through `fn` at once;
+    with `memory_budget` (bytes) the first tile runs alone and its peak memory caps how many the later batches hold.
     """
     height, width = x.shape[-2] // x_scale, x.shape[-1] // x_scale
     boxes = tile_boxes(height, width, tile, overlap, align)
     if len(boxes) == 1:
         return fn(x)
     n, batch = x.shape[0], max(batch, 1)
+    measure = memory_budget is not None and batch > 1
     out = weight_sum = None
-    for group in range(0, len(boxes), batch):
-        chunk = boxes[group : group + batch]
+    done = 0
+    while done < len(boxes):
+        chunk = boxes[done : done + (1 if measure else batch)]
         s = x_scale
         crops = [x[..., top * s : (top + th) * s, left * s : (left + tw) * s] for top, left, th, tw in chunk]
-        ys = fn(crops[0] if len(crops) == 1 else torch.cat(crops)).float().split(n)
-        for (top, left, th, tw), y in zip(chunk, ys):
+        with PeakMemory(x.device) if measure else nullcontext() as memory:
+            ys = fn(crops[0] if len(crops) == 1 else torch.cat(crops))
+        if measure:
+            batch = int(min(batch, max(1, memory_budget // max(memory.peak_bytes, 1))))
+            measure = False
+        for (top, left, th, tw), y in zip(chunk, ys.float().split(n)):
             if out is None:
                 out = y.new_zeros(*y.shape[:-2], height * y_scale, width * y_scale)
                 weight_sum = y.new_zeros(height * y_scale, width * y_scale)
@@ -81,4 +92,5 @@ def tiled_map(
             s = y_scale
             out[..., top * s : (top + th) * s, left * s : (left + tw) * s] += y * w
             weight_sum[top * s : (top + th) * s, left * s : (left + tw) * s] += w
+        done += len(chunk)
     return (out / weight_sum).to(x.dtype)

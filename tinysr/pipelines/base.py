@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from ..color import COLOR_FIXES, apply_color_fix
-from ..device import dtype_name, fallback_dtype, out_of_memory_as_error, parse_dtype, pick_device, resolve_precision, timed
+from ..device import dtype_name, fallback_dtype, free_memory_bytes, out_of_memory_as_error, parse_dtype, pick_device, resolve_precision, timed
 from ..errors import ImageError, NumericalError, WrongModelError
 from ..imageio import DEFAULT_MAX_PIXELS, as_loaded_image, to_pil
 from ..lattice import without_lattice
@@ -263,14 +263,16 @@ class OneStepSRPipeline:
         if vae_tile_size is None:
             z = encode(x)
         else:
-            z = tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae), batch=tile_batch)
+            z = tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget())
         return z * self.vae.config.scaling_factor
 
     def predict_tiled(self, z: torch.Tensor, tile_size: int = 64, tile_overlap: int = 8, tile_batch: int = 1) -> torch.Tensor:
         """eps over Gaussian-blended latent tiles, no larger than the position table covers."""
         tile_size = min(tile_size, self.max_latent_tile)
         tile_size -= tile_size % self.latent_multiple
-        eps = tiled_map(self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple, batch=tile_batch)
+        eps = tiled_map(
+            self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple, batch=tile_batch, memory_budget=self.tile_memory_budget()
+        )
         return self.without_token_pattern(eps)
 
     def without_token_pattern(self, eps: torch.Tensor) -> torch.Tensor:
@@ -296,7 +298,7 @@ class OneStepSRPipeline:
 
         if vae_tile_size is None:
             return decode(z)
-        return tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch)
+        return tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget())
 
     @torch.no_grad()
     def _run(self, x, recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings, tile_batch=1) -> torch.Tensor:
@@ -309,9 +311,10 @@ class OneStepSRPipeline:
         # ours: convolutions run about 2x faster channels-last on CPU (and on tensor cores)
         memory_format = torch.contiguous_format if official else torch.channels_last
         generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        vae_tile_batch = self.vae_tile_batch(tile_batch)
         with timed(timings, "encode", self.device):
             z = self.encode_latents(
-                x, vae_tile_size, vae_tile_overlap, sample=official, generator=generator, memory_format=memory_format, tile_batch=tile_batch
+                x, vae_tile_size, vae_tile_overlap, sample=official, generator=generator, memory_format=memory_format, tile_batch=vae_tile_batch
             )
         with timed(timings, "transformer", self.device):
             if official:
@@ -319,12 +322,22 @@ class OneStepSRPipeline:
             else:
                 z = z - self.predict_tiled(z, tile_size, tile_overlap, tile_batch)
         with timed(timings, "decode", self.device):
-            return self.decode_latents(z, vae_tile_size, vae_tile_overlap, memory_format=memory_format, tile_batch=tile_batch)
+            return self.decode_latents(z, vae_tile_size, vae_tile_overlap, memory_format=memory_format, tile_batch=vae_tile_batch)
 
     def default_tile_batch(self) -> int:
         """Tiles per forward pass: 16 on a GPU (one tile leaves it waiting on kernel launches), 8 on the CPU (the demo
         transformers' small matmuls: 1.7x faster on 2 cores, the same output; batches of whole images were not)."""
         return 16 if self.device.type == "cuda" else 8
+
+    def vae_tile_batch(self, tile_batch: int) -> int:
+        """The VAEs' tiles per pass: `tile_batch` on a GPU, one on the CPU, where their convolutions wait on memory and a
+        batch only adds to it (a 2048 px output, 2 cores: paper-size TinySR's encode and decode 2.5x slower in batches of 8,
+        SD3's decoder 1.7x slower with 5x the memory; README)."""
+        return 1 if self.device.type == "cpu" else tile_batch
+
+    def tile_memory_budget(self) -> int:
+        """Bytes a batch of tiles may take: half of what is free, leaving the rest to the blended output and the next stage."""
+        return free_memory_bytes(self.device) // 2
 
     def __call__(self, image, **options) -> SRResult:
         """Upscale x4. `image`: a path, PIL image, LoadedImage, or CHW float tensor in [0, 1].
@@ -334,7 +347,8 @@ class OneStepSRPipeline:
         unless `vae_tile_size` says otherwise). recipe "official": the release scripts' arithmetic,
         8-bit RGB in and out, no VAE tiling unless `vae_tile_size` is given, TSD-SR's posterior
         sampled with `seed` (unseeded upstream). Tile sizes are in latent pixels (8 image pixels each; `tile_size` defaults to 64, or less if the position table covers less);
-        `tile_batch` tiles go through each model at once (default: `default_tile_batch`).
+        up to `tile_batch` tiles go through the transformer at once, and through the VAE on a GPU (`vae_tile_batch`), fewer
+        where half the free memory would not hold them (default: `default_tile_batch`).
         """
         return self.upscale_batch([image], **options)[0]
 
