@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -60,6 +61,18 @@ def test_freed_memory_stays_for_the_next_call_and_peak_memory_still_sees_it():
             time.sleep(0.1)
             del block
         assert 45 * 2**20 < memory.peak_bytes < 70 * 2**20, memory.peak_bytes
+
+
+def test_free_memory_heeds_a_container_limit(tmp_path):
+    assert device_module.container_free_bytes(tmp_path) is None  # no cgroup files: no container limit
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("123\n")
+    assert device_module.container_free_bytes(tmp_path) is None
+    (tmp_path / "memory.max").write_text(f"{3 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**30}\n")
+    assert device_module.container_free_bytes(tmp_path) == 2 * 2**30
+    free = device_module.free_memory_bytes("cpu")
+    assert 0 < free <= psutil.virtual_memory().available + device_module.heap_free_bytes() + 2**28
 
 
 def test_nested_peak_memory_on_cuda_keeps_the_outer_peak(monkeypatch):

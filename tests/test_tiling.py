@@ -83,10 +83,10 @@ def test_batches_hold_as_many_tiles_as_the_memory_budget_allows(monkeypatch):
 
     x = torch.randn(1, 3, 22, 30)
     assert len(tile_boxes(22, 30, 8, 3)) == 24
-    out = tiled_map(fn, x, tile=8, overlap=3, batch=8, memory_budget=170 * 2**20)
+    out = tiled_map(fn, x, tile=8, overlap=3, batch=8, memory_budget=lambda: 170 * 2**20)
     assert sizes == [1] + [3] * 7 + [2]  # the first tile measured alone, then 170 MB hold 3 of 48 MB
     assert torch.allclose(out, torch.tanh(x), atol=1e-6)
-    for budget, expected in ((2**40, [1, 8, 8, 7]), (1, [1] * 24), (None, [8, 8, 8])):
+    for budget, expected in ((lambda: 2**40, [1, 8, 8, 7]), (lambda: 1, [1] * 24), (None, [8, 8, 8])):
         sizes.clear()
         tiled_map(fn, x, tile=8, overlap=3, batch=8, memory_budget=budget)
         assert sizes == expected

@@ -7,6 +7,7 @@ import platform
 import re
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -177,8 +178,8 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
             PeakMemory._open_cuda.remove(self)
+            torch.cuda.synchronize(self.device)
             self.peak_bytes = max(self._peak, torch.cuda.max_memory_allocated(self.device)) - self._base
         else:
             self._stop.set()
@@ -210,16 +211,30 @@ def memory_limit_bytes(device: torch.device) -> int:
     return limit
 
 
+def container_free_bytes(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What a container's memory limit (cgroup v2, as on a hosted Space) still allows; None without one."""
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        used = int((cgroup / "memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else int(limit) - used
+
+
 def free_memory_bytes(device: torch.device) -> int:
     """Memory a step could still take: on CUDA what the GPU has free plus what torch's allocator holds unused; elsewhere
-    what the OS has available plus the freed memory glibc keeps for reuse."""
+    what the OS (or the container's limit, if lower) has available plus the freed memory glibc keeps for reuse."""
     device = torch.device(device)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     import psutil
 
-    return psutil.virtual_memory().available + heap_free_bytes()
+    free = psutil.virtual_memory().available
+    container = container_free_bytes()
+    if container is not None:
+        free = min(free, max(container, 0))
+    return free + heap_free_bytes()
 
 
 def out_of_memory_message(e: BaseException, device: torch.device | str, what: str = "this image") -> str:

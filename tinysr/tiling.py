@@ -59,13 +59,14 @@ def tiled_map(
     y_scale: int = 1,
     align: int = 1,
     batch: int = 1,
-    memory_budget: int | None = None,
+    memory_budget: Callable[[], int] | None = None,
 ) -> torch.Tensor:
     """Apply `fn` tile by tile and blend; a single tile is just `fn(x)`, bit for bit.
 
     `tile`, `overlap` and `align` are in latent units; `x_scale`/`y_scale` are the number of
-    input/output pixels per latent pixel. Up to `batch` tiles (all of one size) go through `fn` at once;
-    with `memory_budget` (bytes) the first tile runs alone and its peak memory caps how many the later batches hold.
+    input/output pixels per latent pixel. Up to `batch` tiles (all of one size) go through `fn` at once; with
+    `memory_budget` (called for the bytes a batch may take, only when `batch` > 1 and there are several tiles) the
+    first tile runs alone and its peak memory caps how many the later batches hold.
     """
     height, width = x.shape[-2] // x_scale, x.shape[-1] // x_scale
     boxes = tile_boxes(height, width, tile, overlap, align)
@@ -82,7 +83,7 @@ def tiled_map(
         with PeakMemory(x.device) if measure else nullcontext() as memory:
             ys = fn(crops[0] if len(crops) == 1 else torch.cat(crops))
         if measure:
-            batch = int(min(batch, max(1, memory_budget // max(memory.peak_bytes, 1))))
+            batch = min(batch, max(1, memory_budget() // max(memory.peak_bytes, 1)))
             measure = False
         for (top, left, th, tw), y in zip(chunk, ys.float().split(n)):
             if out is None:

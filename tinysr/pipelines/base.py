@@ -263,7 +263,9 @@ class OneStepSRPipeline:
         if vae_tile_size is None:
             z = encode(x)
         else:
-            z = tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget())
+            # a sampled posterior draws its noise per call: a batch that followed the free memory would change a seeded image
+            budget = None if sample else self.tile_memory_budget
+            z = tiled_map(encode, x, vae_tile_size, vae_tile_overlap, x_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=budget)
         return z * self.vae.config.scaling_factor
 
     def predict_tiled(self, z: torch.Tensor, tile_size: int = 64, tile_overlap: int = 8, tile_batch: int = 1) -> torch.Tensor:
@@ -271,7 +273,7 @@ class OneStepSRPipeline:
         tile_size = min(tile_size, self.max_latent_tile)
         tile_size -= tile_size % self.latent_multiple
         eps = tiled_map(
-            self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple, batch=tile_batch, memory_budget=self.tile_memory_budget()
+            self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple, batch=tile_batch, memory_budget=self.tile_memory_budget
         )
         return self.without_token_pattern(eps)
 
@@ -298,7 +300,7 @@ class OneStepSRPipeline:
 
         if vae_tile_size is None:
             return decode(z)
-        return tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget())
+        return tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget)
 
     @torch.no_grad()
     def _run(self, x, recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings, tile_batch=1) -> torch.Tensor:
@@ -325,13 +327,14 @@ class OneStepSRPipeline:
             return self.decode_latents(z, vae_tile_size, vae_tile_overlap, memory_format=memory_format, tile_batch=vae_tile_batch)
 
     def default_tile_batch(self) -> int:
-        """Tiles per forward pass: 16 on a GPU (one tile leaves it waiting on kernel launches), 8 on the CPU (the demo
-        transformers' small matmuls: 1.7x faster on 2 cores, the same output; batches of whole images were not)."""
+        """Most tiles per transformer pass (and VAE pass on a GPU): 16 on a GPU (one tile leaves it waiting on kernel
+        launches), 8 on the CPU (the demo transformers' small matmuls: 1.7x faster on 2 cores, the same output; batches
+        of whole images were not)."""
         return 16 if self.device.type == "cuda" else 8
 
     def vae_tile_batch(self, tile_batch: int) -> int:
         """The VAEs' tiles per pass: `tile_batch` on a GPU, one on the CPU, where their convolutions wait on memory and a
-        batch only adds to it (a 2048 px output, 2 cores: paper-size TinySR's encode and decode 2.5x slower in batches of 8,
+        batch only adds to it (a 2048 px output, 2 cores: paper-size TinySR's encode and decode 2.3x and 2.5x slower in batches of 8,
         SD3's decoder 1.7x slower with 5x the memory; README)."""
         return 1 if self.device.type == "cpu" else tile_batch
 
