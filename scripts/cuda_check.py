@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tinysr import TinyAutoencoder, TinySRPipeline, TinySRTransformer  # noqa: E402
 from tinysr.bench import build_pipelines  # noqa: E402
+from tinysr.device import PeakMemory  # noqa: E402
 
 
 def check(name, ok, detail=""):
@@ -52,12 +53,20 @@ def main():
     pipes = build_pipelines("paper", "cuda")
     for name, pipe in pipes.items():
         pipe.to(dtype="fp16")
-        torch.cuda.reset_peak_memory_stats()
-        r = pipe(torch.rand(3, 128, 128))
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        check(f"paper-size {name} fp16 128->512", r.image.shape == (3, 512, 512), f"[{r.dtype}] peak {peak:.2f} GiB, {r.timings['total']:.3f}s")
-        r = pipe(torch.rand(3, 384, 320), tile_size=64, tile_overlap=8, vae_tile_size=64, vae_tile_overlap=8)
-        check(f"paper-size {name} fp16 tiled 384x320", r.image.shape == (3, 1536, 1280), f"[{r.dtype}] {r.timings['total']:.3f}s")
+        with PeakMemory("cuda") as memory:
+            r = pipe(torch.rand(3, 128, 128))
+        check(f"paper-size {name} fp16 128->512", r.image.shape == (3, 512, 512), f"[{r.dtype}] peak {memory.peak_bytes / 2**30:.2f} GiB, {r.timings['total']:.3f}s")
+        big, options = torch.rand(3, 384, 320), dict(tile_size=64, tile_overlap=8, vae_tile_size=64, vae_tile_overlap=8)
+        with PeakMemory("cuda") as memory:
+            r = pipe(big, **options)
+        check(f"paper-size {name} fp16 tiled 384x320", r.image.shape == (3, 1536, 1280), f"[{r.dtype}] peak {memory.peak_bytes / 2**30:.2f} GiB, {r.timings['total']:.3f}s")
+        pipe.tile_memory_budget = lambda: 1  # room for no batch: the tiles one at a time
+        with PeakMemory("cuda") as single:
+            one = pipe(big, **options)
+        del pipe.tile_memory_budget
+        diff = (one.image - r.image).abs().max()
+        check(f"paper-size {name} tiles one at a time match batches, in less memory", diff < 0.02 and single.peak_bytes <= memory.peak_bytes,
+              f"max diff {diff:.2e}, peak {single.peak_bytes / 2**30:.2f} GiB, {one.timings['total']:.3f}s")
         del pipe
         torch.cuda.empty_cache()
 
