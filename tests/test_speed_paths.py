@@ -161,7 +161,10 @@ def test_batched_tiles_and_images_match_one_at_a_time():
     single = [pipe(image, **options, tile_batch=1) for image in images]
     calls = {"transformer": [], "encoder": [], "decoder": []}
     for name, module in (("transformer", pipe.transformer), ("encoder", pipe.vae.encoder), ("decoder", pipe.vae.decoder)):
-        module.register_forward_pre_hook(lambda m, args, kwargs, name=name: calls[name].append(len(args[0] if args else kwargs["hidden_states"])), with_kwargs=True)
+        def record(module, args, kwargs, name=name):
+            calls[name].append(len(args[0] if args else kwargs["hidden_states"]))
+
+        module.register_forward_pre_hook(record, with_kwargs=True)
     tiles = pipe(images[0], **options, tile_batch=5)
     assert processing_size(40, 56) == (512, 716) and len(tile_boxes(64, 90, 32, 4, 2)) == 12  # so the first image is 12 tiles
     assert (tiles.image - single[0].image).abs().max() < 1e-5

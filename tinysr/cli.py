@@ -52,7 +52,9 @@ def add_upscale(sub):
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run a folder written by `export-onnx` with onnxruntime (--model DIR)")
     p.add_argument("--batch", type=int, default=1, help="images of one size that go through the models together (GPU throughput)")
-    p.add_argument("--tile-batch", type=int, default=None, help="most tiles per transformer pass, and per VAE pass on a GPU; fewer where half the free memory would not hold them (default 8 on CPU, 16 on CUDA)")
+    p.add_argument("--tile-batch", type=int, default=None,
+                   help="most tiles per transformer pass, and per VAE pass on a GPU; fewer where half the free memory "
+                   "would not hold them (default 8 on CPU, 16 on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (CUDA graphs on CUDA); pays off over many images")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger inputs (checked before decoding)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")

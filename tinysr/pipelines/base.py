@@ -272,9 +272,8 @@ class OneStepSRPipeline:
         """eps over Gaussian-blended latent tiles, no larger than the position table covers."""
         tile_size = min(tile_size, self.max_latent_tile)
         tile_size -= tile_size % self.latent_multiple
-        eps = tiled_map(
-            self.predict, z, tile_size, min(tile_overlap, tile_size // 2), align=self.latent_multiple, batch=tile_batch, memory_budget=self.tile_memory_budget
-        )
+        overlap = min(tile_overlap, tile_size // 2)
+        eps = tiled_map(self.predict, z, tile_size, overlap, align=self.latent_multiple, batch=tile_batch, memory_budget=self.tile_memory_budget)
         return self.without_token_pattern(eps)
 
     def without_token_pattern(self, eps: torch.Tensor) -> torch.Tensor:
@@ -300,7 +299,9 @@ class OneStepSRPipeline:
 
         if vae_tile_size is None:
             return decode(z)
-        return tiled_map(decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget)
+        return tiled_map(
+            decode, z, vae_tile_size, vae_tile_overlap, y_scale=vae_downscale(self.vae), batch=tile_batch, memory_budget=self.tile_memory_budget
+        )
 
     @torch.no_grad()
     def _run(self, x, recipe, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, seed, timings, tile_batch=1) -> torch.Tensor:
@@ -334,8 +335,8 @@ class OneStepSRPipeline:
 
     def vae_tile_batch(self, tile_batch: int) -> int:
         """The VAEs' tiles per pass: `tile_batch` on a GPU, one on the CPU, where their convolutions wait on memory and a
-        batch only adds to it (a 2048 px output, 2 cores: paper-size TinySR's encode and decode 2.3x and 2.5x slower in batches of 8,
-        SD3's decoder 1.7x slower with 5x the memory; README)."""
+        batch only adds to it (a 2048 px output, 2 cores: paper-size TinySR's encode and decode 2.3x and 2.5x slower in
+        batches of 8, SD3's decoder 1.7x slower with 5x the memory; README)."""
         return 1 if self.device.type == "cpu" else tile_batch
 
     def tile_memory_budget(self) -> int:
