@@ -22,6 +22,17 @@ def check(name, ok, detail=""):
         sys.exit(1)
 
 
+def measured_run(pipe, image, **options):
+    """The pipeline's result and its CUDA peak (through PeakMemory: the tiler's own measurement resets the raw counter)."""
+    with PeakMemory("cuda") as memory:
+        result = pipe(image, **options)
+    return result, memory
+
+
+def describe(result, memory) -> str:
+    return f"[{result.dtype}] peak {memory.peak_bytes / 2**30:.2f} GiB, {result.timings['total']:.3f}s"
+
+
 def tiny(seed=0):
     torch.manual_seed(seed)
     t = TinySRTransformer(sample_size=32, num_layers=2, attention_head_dim=32, num_attention_heads=4, pos_embed_max_size=64)
@@ -53,22 +64,17 @@ def main():
     pipes = build_pipelines("paper", "cuda")
     for name, pipe in pipes.items():
         pipe.to(dtype="fp16")
-        with PeakMemory("cuda") as memory:
-            r = pipe(torch.rand(3, 128, 128))
-        measured = f"[{r.dtype}] peak {memory.peak_bytes / 2**30:.2f} GiB, {r.timings['total']:.3f}s"
-        check(f"paper-size {name} fp16 128->512", r.image.shape == (3, 512, 512), measured)
+        r, memory = measured_run(pipe, torch.rand(3, 128, 128))
+        check(f"paper-size {name} fp16 128->512", r.image.shape == (3, 512, 512), describe(r, memory))
         big, options = torch.rand(3, 384, 320), dict(tile_size=64, tile_overlap=8, vae_tile_size=64, vae_tile_overlap=8)
-        with PeakMemory("cuda") as memory:
-            r = pipe(big, **options)
-        measured = f"[{r.dtype}] peak {memory.peak_bytes / 2**30:.2f} GiB, {r.timings['total']:.3f}s"
-        check(f"paper-size {name} fp16 tiled 384x320", r.image.shape == (3, 1536, 1280), measured)
+        r, memory = measured_run(pipe, big, **options)
+        check(f"paper-size {name} fp16 tiled 384x320", r.image.shape == (3, 1536, 1280), describe(r, memory))
         pipe.tile_memory_budget = lambda: 1  # room for no batch: the tiles one at a time
-        with PeakMemory("cuda") as single:
-            one = pipe(big, **options)
+        one, single = measured_run(pipe, big, **options)
         del pipe.tile_memory_budget
         diff = (one.image - r.image).abs().max()
         check(f"paper-size {name} tiles one at a time match batches, in less memory", diff < 0.02 and single.peak_bytes <= memory.peak_bytes,
-              f"max diff {diff:.2e}, peak {single.peak_bytes / 2**30:.2f} GiB, {one.timings['total']:.3f}s")
+              f"max diff {diff:.2e}, {describe(one, single)}")
         del pipe
         torch.cuda.empty_cache()
 

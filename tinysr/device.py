@@ -149,9 +149,10 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            peak_so_far = torch.cuda.max_memory_allocated(self.device)
             for outer in PeakMemory._open_cuda:
                 if outer.device == self.device:
-                    outer._peak = max(outer._peak, torch.cuda.max_memory_allocated(self.device))
+                    outer._peak = max(outer._peak, peak_so_far)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = self._peak = torch.cuda.memory_allocated(self.device)
             PeakMemory._open_cuda.append(self)
