@@ -221,6 +221,8 @@ def test_compiled_int8_quantizes_every_linear_and_stays_close_to_fp32(make):
         weights = [n for n in graph.nodes if "dequantize_per_channel" in str(n.target)]
         dynamic = [n for n in graph.nodes if "choose_qparams" in str(n.target)]
         assert len(weights) >= float_linears and len(dynamic) >= float_linears // 2  # and the patch embedding; q, k, v share an input
+        measured = [n for n in graph.nodes if "measured_attention" in str(n.target)]  # exported inside cpu_attention
+        assert bool(measured) == (pipe.dtype != torch.float32)  # its float parts run in bf16 where the CPU has it
     assert {p.dtype for p in pipe.modules()["transformer"].parameters()} == {torch.float32}
 
 

@@ -1,0 +1,79 @@
+"""CPU attention by the measured faster kernel: same numbers as the fused kernel, chosen once per shape, kept when compiled."""
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_student, make_tiny_vae, random_image
+from tinysr import TinySRPipeline, attention
+from tinysr.attention import blocked_attention, cpu_attention
+
+
+@pytest.mark.parametrize("block_bytes", [4 * 5 * 3, 4 * 5 * 7 * 2, 2**20], ids=["rows", "heads", "all"])
+def test_blocked_attention_matches_the_fused_kernel(monkeypatch, block_bytes):
+    """Blocks of 3 query rows of one head, of 2 heads, or everything at once: the same softmax attention."""
+    monkeypatch.setattr(attention, "SCORE_BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 7, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 6, generator=g)
+    out = blocked_attention(q, k, v)
+    assert out.shape == (2, 3, 7, 6)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def counting_kernels(monkeypatch) -> Counter:
+    calls = Counter()
+
+    def counted(name, kernel):
+        def run(*args):
+            calls[name] += 1
+            return kernel(*args)
+
+        return run
+
+    monkeypatch.setattr(attention, "KERNELS", {name: counted(name, kernel) for name, kernel in attention.KERNELS.items()})
+    monkeypatch.setattr(attention, "_fastest", {})
+    return calls
+
+
+def test_cpu_attention_measures_each_half_precision_shape_once(monkeypatch):
+    calls = counting_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 64, 16, generator=g).bfloat16() for _ in range(3))
+    with cpu_attention():
+        first, second = F.scaled_dot_product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        assert sum(calls.values()) == 4 + 4 + 2  # a warm-up and 3 timed runs of each kernel, then the winner twice
+        assert len(attention._fastest) == 1
+        winner = next(iter(attention._fastest.values()))
+        assert calls[winner] == 6
+        F.scaled_dot_product_attention(q.float(), k.float(), v.float())  # fp32: the fused kernel, nothing timed
+        assert calls["fused"] == (5 if winner == "blocked" else 7) and len(attention._fastest) == 1
+        before = sum(calls.values())
+        mask = torch.ones(64, 64, dtype=torch.bool)
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # masked, causal or with gradients: torch's own call
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grad_q = q.float().requires_grad_()
+        F.scaled_dot_product_attention(grad_q, k.float(), v.float()).sum().backward()
+        assert sum(calls.values()) == before and grad_q.grad is not None
+    F.scaled_dot_product_attention(q, k, v)
+    assert sum(calls.values()) == before  # outside the block nothing is routed
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first.float(), F.scaled_dot_product_attention(q.float(), k.float(), v.float()), atol=0.02, rtol=0.02)
+
+
+def test_half_precision_pipeline_keeps_the_measured_attention_when_compiled(monkeypatch):
+    """bf16 TinySR: its attention goes through the measured choice, eager and compiled (inductor does not lower it
+    back to the fused kernel), and both images are as far from fp32's as bf16 rounding puts them."""
+    calls = counting_kernels(monkeypatch)
+    image = random_image(24, 32)
+    reference = TinySRPipeline(make_student(), make_tiny_vae())(image).image
+    pipe = TinySRPipeline(make_student(), make_tiny_vae(), dtype="bf16")
+    eager = pipe(image).image
+    shapes = len(attention._fastest)
+    runs = sum(calls.values()) - 8 * shapes  # each shape measured once, then every block of every tile batch
+    assert shapes >= 1 and runs >= 2
+    compiled = pipe.compile()(image).image
+    assert sum(calls.values()) == 8 * shapes + 2 * runs and len(attention._fastest) == shapes
+    eager_error, compiled_error = (eager - reference).abs(), (compiled - reference).abs()  # bf16 rounding: 0.004 mean, 0.05 max
+    assert compiled_error.mean() < 1.5 * eager_error.mean() and compiled_error.max() < 2 * eager_error.max()

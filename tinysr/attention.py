@@ -1,0 +1,88 @@
+"""Half-precision attention on the CPU by whichever of two kernels this machine runs faster, measured per shape.
+
+ATen's fused CPU kernel (flash attention) is not always the faster one. On a 2-core Zen 4 (AVX-512 bf16, no
+AMX), bf16, paper-size TinySR's 24 heads over 1024 tokens took 41 ms in it and 20 ms as two oneDNN matmuls
+around a softmax, a few heads at a time. So inside `cpu_attention()` the first bf16 or fp16 call of each shape
+times both on its own inputs and keeps the winner; fp32 keeps the fused kernel, which won there and whose output
+then does not depend on a timing. It catches every `F.scaled_dot_product_attention` call without mask, dropout
+or gradient, diffusers' SD3 attention as well as ours. The choice is one opaque op, so torch.compile and
+torch.export keep it: inductor would fold a plain matmul-softmax-matmul back into the fused kernel.
+"""
+
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+SCORE_BLOCK_BYTES = 16 * 2**20  # scores per block stay near the caches and bound the memory at any length
+_fastest: dict = {}
+
+
+def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over blocks of heads (or of query rows, for long keys) of SCORE_BLOCK_BYTES."""
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b * h, *t.shape[2:]) for t in (q, k, v))
+    rows = max(1, SCORE_BLOCK_BYTES // (k.shape[1] * q.element_size()))
+    heads, rows = max(1, rows // n), min(rows, n)
+    out = torch.empty(b * h, n, v.shape[-1], dtype=q.dtype)
+    for i in range(0, b * h, heads):
+        for j in range(0, n, rows):
+            scores = torch.bmm(q[i : i + heads, j : j + rows] * d**-0.5, k[i : i + heads].transpose(1, 2))
+            torch.bmm(scores.softmax(-1), v[i : i + heads], out=out[i : i + heads, j : j + rows])
+    return out.view(b, h, n, -1)
+
+
+KERNELS = {"fused": F.scaled_dot_product_attention, "blocked": blocked_attention}
+
+
+def fastest_kernel(q, k, v) -> str:
+    """The kernel that ran this shape fastest here: best of 3 runs each, measured at its first call."""
+    if q.dtype == torch.float32:
+        return "fused"
+    key = (q.shape, k.shape, v.shape, q.dtype, torch.get_num_threads())
+    if key not in _fastest:
+        seconds = {}
+        for name, kernel in KERNELS.items():
+            kernel(q, k, v)
+            runs = []
+            for _ in range(3):
+                start = time.perf_counter()
+                kernel(q, k, v)
+                runs.append(time.perf_counter() - start)
+            seconds[name] = min(runs)
+        _fastest[key] = min(seconds, key=seconds.get)
+    return _fastest[key]
+
+
+@torch.library.custom_op("tinysr::measured_attention", mutates_args=())
+def measured_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return KERNELS[fastest_kernel(q, k, v)](q, k, v).contiguous()
+
+
+@measured_attention.register_fake
+def _(q, k, v):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def _plain_cpu_inputs(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """(query, key, value) of an unmasked CPU inference call with heads, else None."""
+    inputs = (query, key, value)
+    plain = attn_mask is None and not dropout_p and not is_causal and scale is None and not enable_gqa
+    cpu = all(t.device.type == "cpu" and t.ndim == 4 and not t.requires_grad for t in inputs)
+    return inputs if plain and cpu else None
+
+
+class _MeasuredCPUAttention(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = _plain_cpu_inputs(*args, **kwargs) if func is F.scaled_dot_product_attention else None
+        return func(*args, **kwargs) if inputs is None else measured_attention(*inputs)
+
+
+@contextmanager
+def cpu_attention():
+    """Plain CPU attention in this block goes through the measured kernel choice."""
+    with _MeasuredCPUAttention():
+        yield
