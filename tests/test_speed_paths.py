@@ -196,12 +196,19 @@ def small_table_tinysr():
     return TinySRPipeline(perturb(TinySRTransformer(**{**TINY_STUDENT, "pos_embed_max_size": 8})), make_tiny_vae())
 
 
+def small_table_tinysr_with_qk_norm():
+    """qk-norm (converted releases may have it): its fp32 q and k meet a bf16 v in the int8 export's attention."""
+    torch.manual_seed(0)
+    config = {**TINY_STUDENT, "pos_embed_max_size": 8, "qk_norm": "rms_norm"}
+    return TinySRPipeline(perturb(TinySRTransformer(**config)), make_tiny_vae())
+
+
 def small_table_tsdsr():
     pipe = tiny_tsdsr()
     return TSDSRPipeline(make_sd3(pos_embed_max_size=8), pipe.vae, pipe.prompt_embeds, pipe.pooled_embeds)
 
 
-@pytest.mark.parametrize("make", [small_table_tinysr, small_table_tsdsr], ids=["tinysr", "tsdsr"])
+@pytest.mark.parametrize("make", [small_table_tinysr, small_table_tinysr_with_qk_norm, small_table_tsdsr], ids=["tinysr", "qk-norm", "tsdsr"])
 def test_compiled_int8_quantizes_every_linear_and_stays_close_to_fp32(make):
     """int8 + `--compile`: torchao's PT2E int8 linears, lowered by inductor; one export per tile size, any batch."""
     pipe = make()
