@@ -14,7 +14,6 @@ into the fused kernel.
 """
 
 import time
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -92,8 +91,6 @@ class _MeasuredCPUAttention(TorchFunctionMode):
         return func(*args, **kwargs) if inputs is None else measured_attention(*inputs)
 
 
-@contextmanager
-def cpu_attention():
-    """Plain CPU attention in this block goes through the measured kernel choice."""
-    with _MeasuredCPUAttention():
-        yield
+def cpu_attention() -> TorchFunctionMode:
+    """`with cpu_attention():` sends plain CPU attention in the block through the measured kernel choice."""
+    return _MeasuredCPUAttention()
