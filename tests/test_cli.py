@@ -189,11 +189,11 @@ def test_bench_smoke(tmp_path):
 
 
 def test_compute_floor_takes_the_fastest_matmul_and_stages_the_median(monkeypatch):
-    from tinysr import bench
+    from tinysr import bench, device
 
     def runs_of(*seconds):  # a clock under which the timed runs last these many seconds
         ticks = iter([t for i, d in enumerate(seconds) for t in (10.0 * i, 10.0 * i + d)])
-        monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+        monkeypatch.setattr(device.time, "perf_counter", lambda: next(ticks))
 
     runs_of(4, 1, 3)
     assert bench.time_fn(lambda: None, torch.device("cpu"), 3) == 3.0

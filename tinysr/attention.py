@@ -13,11 +13,11 @@ one opaque op, so torch.compile and torch.export keep it: inductor would fold a 
 into the fused kernel.
 """
 
-import time
-
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .device import time_fn
 
 SCORE_BLOCK_BYTES = 16 * 2**20  # scores per block stay near the caches and bound the memory at any length
 _fastest: dict = {}  # (shapes, dtype, threads) -> name of the faster kernel
@@ -41,20 +41,12 @@ KERNELS = {"fused": F.scaled_dot_product_attention, "blocked": blocked_attention
 
 
 def fastest_kernel(q, k, v) -> str:
-    """The kernel that ran this shape fastest here: best of 3 runs each, measured at its first call."""
+    """The kernel that ran this shape fastest here: best of 3 runs each after a warm-up, measured at its first call."""
     if q.dtype == torch.float32:
         return "fused"
     key = (q.shape, k.shape, v.shape, q.dtype, torch.get_num_threads())
     if key not in _fastest:
-        seconds = {}
-        for name, kernel in KERNELS.items():
-            kernel(q, k, v)
-            runs = []
-            for _ in range(3):
-                start = time.perf_counter()
-                kernel(q, k, v)
-                runs.append(time.perf_counter() - start)
-            seconds[name] = min(runs)
+        seconds = {name: time_fn(lambda kernel=kernel: kernel(q, k, v), q.device, 3, statistic=min) for name, kernel in KERNELS.items()}
         _fastest[key] = min(seconds, key=seconds.get)
     return _fastest[key]
 

@@ -7,14 +7,12 @@ of `repeats` runs after one warm-up, and every ratio comes from the same run.
 
 import gc
 import platform
-import statistics
-import time
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .device import PeakMemory, dtype_name, half_dtype, native_bf16, parse_dtype, pick_device, resolve_precision, synchronize
+from .device import PeakMemory, dtype_name, half_dtype, native_bf16, parse_dtype, pick_device, resolve_precision, time_fn
 from .models import TinyAutoencoder, TinySRTransformer
 from .pipelines import TinySRPipeline, TSDSRPipeline
 
@@ -71,18 +69,6 @@ def count_macs(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() // 2
-
-
-def time_fn(fn, device, repeats: int, statistic=statistics.median) -> float:
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistic(times)
 
 
 def default_precisions(device: torch.device) -> list[str]:

@@ -5,6 +5,7 @@ import ctypes.util
 import functools
 import platform
 import re
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -89,6 +90,19 @@ def timed(timings: dict, stage: str, device: torch.device):
     yield
     synchronize(device)
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def time_fn(fn, device, repeats: int, statistic=statistics.median) -> float:
+    """`statistic` of `repeats` timed runs of `fn` after an untimed warm-up, queued GPU work included."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistic(times)
 
 
 class _MallInfo2(ctypes.Structure):
