@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from tests.conftest import make_student, make_tiny_vae, random_image
 from tinysr import TinySRPipeline, attention
 from tinysr.attention import blocked_attention, cpu_attention
+from tinysr.bench import device_label
+from tinysr.errors import UnsupportedOption
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -86,9 +88,29 @@ def test_half_precision_pipeline_keeps_the_measured_attention_when_compiled(monk
 
 @pytest.mark.parametrize("kernel", ["fused", "blocked"])
 def test_half_precision_pipeline_is_as_close_to_fp32_with_either_kernel(monkeypatch, kernel):
-    """Whichever kernel a machine measures faster, the bf16 image stays within bf16's distance of fp32's."""
-    monkeypatch.setattr(attention, "fastest_kernel", lambda q, k, v: kernel)
+    """TINYSR_CPU_ATTENTION pins the kernel (nothing timed, only it runs); either way the bf16 image stays within
+    bf16's distance of fp32's."""
+    calls = counting_kernels(monkeypatch)
+    monkeypatch.setenv("TINYSR_CPU_ATTENTION", kernel.upper())
     image = random_image(24, 32)
     reference = TinySRPipeline(make_student(), make_tiny_vae())(image).image
     error = (TinySRPipeline(make_student(), make_tiny_vae(), dtype="bf16")(image).image - reference).abs()
+    assert calls[kernel] >= 2 and sum(calls.values()) == calls[kernel] and not attention._fastest
     assert error.mean() < 0.008 and error.max() < 0.1, (error.mean(), error.max())  # measured: 0.004 and 0.05
+
+
+def test_an_unknown_attention_setting_is_refused_before_any_work(monkeypatch):
+    calls = counting_kernels(monkeypatch)
+    monkeypatch.setenv("TINYSR_CPU_ATTENTION", "flash")
+    pipe = TinySRPipeline(make_student(), make_tiny_vae(), dtype="bf16")
+    with pytest.raises(UnsupportedOption, match="TINYSR_CPU_ATTENTION='flash' is not a CPU attention kernel: use measure"):
+        pipe(random_image(24, 32))
+    assert not calls
+    monkeypatch.setenv("TINYSR_CPU_ATTENTION", "measure")
+    assert pipe(random_image(24, 32)).image.shape[-2:] == (96, 128)
+
+
+def test_the_bench_says_when_the_attention_kernel_was_pinned():
+    run = {"device": "cpu (x86_64, 2 threads)", "native_bf16": True}
+    assert device_label({**run, "cpu_attention": "measure"}) == device_label(run) == "cpu (x86_64, 2 threads), native bf16: yes"
+    assert device_label({**run, "cpu_attention": "blocked"}).endswith(", half-precision attention pinned to blocked")

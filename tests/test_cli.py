@@ -150,6 +150,14 @@ def test_missing_model_and_no_images(tmp_path, capsys):
     assert "Traceback" not in r.stderr
 
 
+def test_an_unknown_attention_setting_stops_the_command_before_any_image(tiny_folder, tmp_path, capsys, monkeypatch):
+    photo(16, 16).save(tmp_path / "a.png")
+    monkeypatch.setenv("TINYSR_CPU_ATTENTION", "flash")
+    r = main_in_process(capsys, "upscale", tmp_path / "a.png", "-o", tmp_path / "o", "--model", tiny_folder)
+    assert r.returncode == 2 and "TINYSR_CPU_ATTENTION='flash' is not a CPU attention kernel" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
 def test_load_image_rejects_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("RGB", (3000, 3000)).save(path)

@@ -11,14 +11,22 @@ It catches `F.scaled_dot_product_attention` calls on 4-D CPU tensors of one batc
 dropout, causal masking, scale, grouped heads or gradient: diffusers' SD3 attention as well as ours. The choice is
 one opaque op, so torch.compile and torch.export keep it: inductor would fold a plain matmul-softmax-matmul back
 into the fused kernel.
+
+`TINYSR_CPU_ATTENTION=fused` (or `blocked`) pins the half-precision kernel instead of measuring it: for bf16 images
+that repeat across processes, and for a process whose first call of a shape may meet cores busy with other work
+(an app beside a training run), where the measurement could keep the slower kernel for the life of the process.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .device import time_fn
+from .errors import UnsupportedOption
 
+KERNEL_SETTING = "TINYSR_CPU_ATTENTION"
 SCORE_BLOCK_BYTES = 16 * 2**20  # scores per block stay near the caches and bound the memory at any length
 _fastest: dict = {}  # (shapes, dtype, threads) -> name of the faster kernel
 
@@ -40,10 +48,21 @@ def blocked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 KERNELS = {"fused": F.scaled_dot_product_attention, "blocked": blocked_attention}
 
 
+def kernel_setting() -> str:
+    """"measure" (the default), or the half-precision kernel TINYSR_CPU_ATTENTION pins."""
+    value = os.environ.get(KERNEL_SETTING, "").strip().lower() or "measure"
+    if value != "measure" and value not in KERNELS:
+        raise UnsupportedOption(f"{KERNEL_SETTING}={value!r} is not a CPU attention kernel: use measure (the default), {' or '.join(KERNELS)}")
+    return value
+
+
 def fastest_kernel(q, k, v) -> str:
     """The kernel that ran this shape fastest here: best of 3 runs each after a warm-up, measured at its first call."""
     if q.dtype == torch.float32:
         return "fused"
+    setting = kernel_setting()
+    if setting != "measure":
+        return setting
     key = (q.shape, k.shape, v.shape, q.dtype, torch.get_num_threads())
     if key not in _fastest:
         seconds = {name: time_fn(lambda kernel=kernel: kernel(q, k, v), q.device, 3, statistic=min) for name, kernel in KERNELS.items()}
@@ -84,5 +103,6 @@ class _MeasuredCPUAttention(TorchFunctionMode):
 
 
 def cpu_attention() -> TorchFunctionMode:
-    """`with cpu_attention():` sends plain CPU attention in the block through the measured kernel choice."""
+    """`with cpu_attention():` sends plain CPU attention in the block through the measured (or pinned) kernel choice."""
+    kernel_setting()  # a bad setting stops here, before any work, not inside a compiled graph
     return _MeasuredCPUAttention()

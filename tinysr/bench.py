@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .attention import kernel_setting
 from .device import PeakMemory, dtype_name, half_dtype, native_bf16, parse_dtype, pick_device, resolve_precision, time_fn
 from .models import TinyAutoencoder, TinySRTransformer
 from .pipelines import TinySRPipeline, TSDSRPipeline
@@ -97,6 +98,7 @@ def run_benchmark(
         "output": f"{out}x{out}",
         "torch": torch.__version__,
         "native_bf16": native_bf16() if device.type == "cpu" else None,
+        "cpu_attention": kernel_setting() if device.type == "cpu" else None,
         "scale": scale,
         "compiled": compile,
         "models": {},
@@ -208,8 +210,10 @@ def time_baseline(name: str, image: torch.Tensor, device, precisions, repeats: i
 
 
 def device_label(r: dict) -> str:
-    """The bench's device, with whether the CPU computes bf16 natively when the run recorded it."""
-    return r["device"] if r.get("native_bf16") is None else f"{r['device']}, native bf16: {'yes' if r['native_bf16'] else 'no'}"
+    """The bench's device, with whether the CPU computes bf16 natively and a pinned attention kernel, when the run recorded them."""
+    label = r["device"] if r.get("native_bf16") is None else f"{r['device']}, native bf16: {'yes' if r['native_bf16'] else 'no'}"
+    pinned = r.get("cpu_attention")
+    return label if pinned in (None, "measure") else f"{label}, half-precision attention pinned to {pinned}"
 
 
 def format_table(r: dict) -> str:

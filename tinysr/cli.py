@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from .attention import kernel_setting
 from .color import COLOR_FIXES
 from .device import DTYPES, PRECISIONS, is_out_of_memory, out_of_memory_message, pick_device, reuse_freed_memory
 from .errors import TinySRError, missing_extra_message
@@ -351,6 +352,7 @@ def main(argv=None) -> int:
     reuse_freed_memory()
     start = time.perf_counter()
     try:
+        kernel_setting()  # a bad TINYSR_CPU_ATTENTION stops every command here, not once per image
         code = args.func(args)
     except TinySRError as e:
         print(f"error: {e}", file=sys.stderr)
