@@ -16,8 +16,10 @@ import sys
 import gradio as gr
 import torch
 
+from tinysr.attention import kernel_setting
 from tinysr.device import PRECISIONS as INFERENCE_PRECISIONS
 from tinysr.device import reuse_freed_memory
+from tinysr.errors import UnsupportedOption
 from tinysr.official import RECIPES
 from trainer.config import STAGES
 from trainer.launch import PRECISIONS, RUNS, available_configs
@@ -220,6 +222,14 @@ def auth_pairs() -> list[tuple[str, str]] | None:
     return pairs
 
 
+def attention_setting() -> str:
+    """TINYSR_CPU_ATTENTION (tinysr.attention), checked before the warm-up rather than failing every request."""
+    try:
+        return kernel_setting()
+    except UnsupportedOption as e:
+        raise SystemExit(str(e)) from None
+
+
 def serve(demo: gr.Blocks, **launch_options) -> None:
     keep_page_files(demo.get_config_file())
     demo.queue(default_concurrency_limit=1, max_size=32).launch(
@@ -230,6 +240,7 @@ def serve(demo: gr.Blocks, **launch_options) -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
+    attention_setting()
     reuse_freed_memory()
     # a training job runs in a session of its own: stop it when the app goes, on Ctrl-C or SIGTERM alike
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

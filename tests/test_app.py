@@ -216,6 +216,16 @@ def test_login_from_the_environment(monkeypatch):
         app.auth_pairs()
 
 
+def test_an_unknown_attention_setting_stops_the_app_before_it_starts(monkeypatch):
+    import app
+
+    monkeypatch.setenv("TINYSR_CPU_ATTENTION", "blocked")
+    assert app.attention_setting() == "blocked"
+    monkeypatch.setenv("TINYSR_CPU_ATTENTION", "flash")
+    with pytest.raises(SystemExit, match="TINYSR_CPU_ATTENTION='flash' is not a CPU attention kernel"):
+        app.attention_setting()
+
+
 def test_the_server_forgets_the_oldest_visitors_beyond_its_cap(monkeypatch, tmp_path):
     """gradio keeps a copy of the page for each session (1-4 MB): a public server's memory must not grow with
     its visitors, so at most TINYSR_SESSIONS are held."""
