@@ -91,6 +91,24 @@ def test_replicate_padding_sees_no_frame_round_the_image(tmp_path):
 
 
 @torch.no_grad()
+def test_upsample_mode_is_configured_saved_and_checked(tmp_path):
+    """The same weights decode differently with TAESD's nearest upsampling and with bilinear; the mode survives a save."""
+    torch.manual_seed(0)
+    nearest = TinyAutoencoder(channels=8, num_stages=2, blocks_per_stage=1).eval()
+    bilinear = TinyAutoencoder(channels=8, num_stages=2, blocks_per_stage=1, upsample_mode="bilinear").eval()
+    bilinear.load_state_dict(nearest.state_dict())
+    modes = [{m.mode for m in vae.decoder.modules() if isinstance(m, torch.nn.Upsample)} for vae in (nearest, bilinear)]
+    assert modes == [{"nearest"}, {"bilinear"}]
+    z = torch.randn(1, 16, 8, 8)
+    assert (nearest.decode(z) - bilinear.decode(z)).abs().mean() > 1e-3
+    bilinear.save_pretrained(tmp_path / "v")
+    loaded = TinyAutoencoder.from_pretrained(tmp_path / "v")
+    assert loaded.config.upsample_mode == "bilinear" and torch.equal(loaded.decode(z), bilinear.decode(z))
+    with pytest.raises(ValueError, match="upsample_mode must be one of nearest, bilinear"):
+        TinyAutoencoder(channels=8, upsample_mode="bicubic")
+
+
+@torch.no_grad()
 def test_patch_encoder_under_the_taesd_decoder(tmp_path):
     """encoder_type patch: 4x4 patches (num_stages 2) through a linear map, with the PatchAutoencoder's names and shapes."""
     torch.manual_seed(0)

@@ -107,6 +107,8 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
         check(load_config(cfg, ["stages.distill-2.disc_condition=dinov2-cls"]), ["distill-2"])
     with pytest.raises(ConfigError, match="tiny_vae.padding_mode must be one of"):
         check(load_config(cfg, ["tiny_vae.padding_mode=mirror"]), ["vae-encoder"])
+    with pytest.raises(ConfigError, match="tiny_vae.upsample_mode must be one of nearest, bilinear"):
+        check(load_config(cfg, ["tiny_vae.upsample_mode=bicubic"]), ["vae-encoder"])
     with pytest.raises(ConfigError, match="tiny_vae.encoder_type must be one of taesd, patch"):
         check(load_config(cfg, ["tiny_vae.encoder_type=conv"]), ["vae-encoder"])
 

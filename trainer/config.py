@@ -13,7 +13,7 @@ from diffusers.optimization import SchedulerType
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tinysr.models.autoencoder_tiny import ENCODER_TYPES
+from tinysr.models.autoencoder_tiny import ENCODER_TYPES, UPSAMPLE_MODES
 
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
@@ -135,6 +135,7 @@ class TinyVAEConfig:
     decoder_separable: bool = True
     padding_mode: str = "zeros"  # TAESD's and the paper's; "replicate" was tried on the demo, not adopted (README)
     encoder_type: str = "taesd"  # the paper's; `patch` (TinyAutoencoder's docstring) suits the demo's patch latents
+    upsample_mode: str = "nearest"  # TAESD's and the paper's; "bilinear" kept a sharpened demo decoder's edges smooth (README)
 
 
 @dataclass
@@ -252,6 +253,8 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
         raise ConfigError(f"tiny_vae_class must be one of {', '.join(TINY_VAES)}, got {cfg.tiny_vae_class!r}")
     if cfg.tiny_vae.encoder_type not in ENCODER_TYPES:
         raise ConfigError(f"tiny_vae.encoder_type must be one of {', '.join(ENCODER_TYPES)}, got {cfg.tiny_vae.encoder_type!r}")
+    if cfg.tiny_vae.upsample_mode not in UPSAMPLE_MODES:
+        raise ConfigError(f"tiny_vae.upsample_mode must be one of {', '.join(UPSAMPLE_MODES)}, got {cfg.tiny_vae.upsample_mode!r}")
     if cfg.tiny_vae.padding_mode not in PADDING_MODES:
         raise ConfigError(f"tiny_vae.padding_mode must be one of {', '.join(PADDING_MODES)}, got {cfg.tiny_vae.padding_mode!r}")
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):

@@ -3,6 +3,8 @@
 Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 pointwise), which
 is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
 `padding_mode` is TAESD's zeros by default; "replicate" spares the outer rows and columns a frame of zeros.
+`upsample_mode` is TAESD's nearest by default; a decoder pushed to sharpen (LPIPS) steps diagonal edges on the latent
+grid it copies pixels from, which "bilinear" smooths (the demo's decoder probe, README).
 `encoder_type: patch` swaps the encoder for a PatchEncoder (a linear map of 2**num_stages-px patches plus a
 refiner at latent resolution; `encoder_separable` and `padding_mode` then apply to the decoder only): under
 the demo teacher's nearly linear patch latents it matches them to MSE 4e-6 (TAESD's encoder: 0.0019) and
@@ -21,6 +23,7 @@ from torch import nn
 from .autoencoder_patch import PatchEncoder
 
 ENCODER_TYPES = ("taesd", "patch")
+UPSAMPLE_MODES = ("nearest", "bilinear")
 
 
 class SeparableConv2d(nn.Module):
@@ -70,12 +73,14 @@ class TinyEncoder(nn.Module):
 class TinyDecoder(nn.Module):
     """TAESD decoder layout (`layers.N`): soft-clamped latent in, [-1, 1] image out; `conv` as the encoder's."""
 
-    def __init__(self, channels: int, latent_channels: int, stages: int, blocks: int, conv: Callable[..., nn.Module]):
+    def __init__(
+        self, channels: int, latent_channels: int, stages: int, blocks: int, conv: Callable[..., nn.Module], upsample_mode: str = "nearest"
+    ):
         super().__init__()
         layers = [conv(latent_channels, channels), nn.ReLU()]
         for _ in range(stages):
             layers.extend(ResBlock(channels, conv) for _ in range(blocks))
-            layers.append(nn.Upsample(scale_factor=2))
+            layers.append(nn.Upsample(scale_factor=2, mode=upsample_mode))
             layers.append(conv(channels, channels, bias=False))
         layers.extend([ResBlock(channels, conv), conv(channels, 3)])
         self.layers = nn.Sequential(*layers)
@@ -103,17 +108,20 @@ class TinyAutoencoder(ModelMixin, ConfigMixin, PeftAdapterMixin):
         scaling_factor: float = 1.5305,
         padding_mode: str = "zeros",
         encoder_type: str = "taesd",
+        upsample_mode: str = "nearest",
     ):
         super().__init__()
         if encoder_type not in ENCODER_TYPES:
             raise ValueError(f"encoder_type must be one of {', '.join(ENCODER_TYPES)}, got {encoder_type!r}")
+        if upsample_mode not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample_mode must be one of {', '.join(UPSAMPLE_MODES)}, got {upsample_mode!r}")
         if encoder_type == "patch":
             self.encoder = PatchEncoder(latent_channels, 2**num_stages, channels, blocks_per_stage)
         else:
             encoder_conv = partial(conv3x3, separable=encoder_separable, padding_mode=padding_mode)
             self.encoder = TinyEncoder(channels, latent_channels, num_stages, blocks_per_stage, encoder_conv)
         decoder_conv = partial(conv3x3, separable=decoder_separable, padding_mode=padding_mode)
-        self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_conv)
+        self.decoder = TinyDecoder(channels, latent_channels, num_stages, blocks_per_stage, decoder_conv, upsample_mode)
 
     @property
     def downscale(self) -> int:
