@@ -137,14 +137,24 @@ def reuse_freed_memory(keep_bytes: int = 256 * 2**20) -> bool:
 
 
 def heap_free_bytes() -> int:
-    """Freed memory glibc holds for reuse (counted in the RSS, not in use); 0 where unknown."""
+    """Freed memory glibc holds for reuse (not in use; in the RSS unless the kernel paged it out); 0 where unknown."""
     libc = _glibc()
     return libc.mallinfo2().fordblks if libc is not None else 0
 
 
+def heap_used_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back (heap and mmapped blocks); None where unknown."""
+    libc = _glibc()
+    if libc is None:
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
 class PeakMemory:
-    """Peak memory of the block: allocator peak on CUDA; on CPU the peak above its start of the process RSS less
-    the freed memory glibc holds for reuse, sampled every few milliseconds (torch keeps no CPU statistics). Blocks
+    """Peak memory of the block: allocator peak on CUDA; on CPU the peak above its start of glibc's bytes in use
+    (else the process RSS), sampled every few milliseconds (torch keeps no CPU statistics). Not the RSS less glibc's
+    free bytes: kept pages the kernel pages out under pressure leave the RSS, and reusing them counted twice. Blocks
     may nest (the tiler measures its first tile inside the app's measurement): CUDA has one peak counter, so an
     inner block hands the peak so far to the blocks around it before resetting it."""
 
@@ -178,7 +188,8 @@ class PeakMemory:
         process = psutil.Process()
 
         def in_use() -> int:
-            return process.memory_info().rss - heap_free_bytes()
+            used = heap_used_bytes()
+            return used if used is not None else process.memory_info().rss
 
         self._base = self._peak = in_use()
         self._stop = threading.Event()
