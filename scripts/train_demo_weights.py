@@ -2,7 +2,7 @@
 
 Photos from Debian packages -> degraded pairs -> Real-ESRGAN x4plus's restorations of them (the
 demo's pretrained prior, computed once) -> stand-in base VAE and teacher -> the paper's chain
-(tiny VAE, cache, pruning search, export, distill-1, distill-2, export) with
+(tiny VAE, cache, pruning search, export, distill-1, distill-2, then decoder-tune, export) with
 trainer/configs/demo-realesrgan.yaml, then the teacher and student are written in fp16 to
 assets/weights/. `--config trainer/configs/demo.yaml` trains the earlier stand-ins instead (no
 prior: the teacher learns the photos from scratch), kept for comparison. Every step is a separate
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import CHAIN  # noqa: E402
+from trainer.config import chain_stages, load_config  # noqa: E402
 
 CONFIG = "trainer/configs/demo-realesrgan.yaml"
 RUNS = ROOT / "runs"
@@ -73,12 +73,11 @@ def weight_differences(retrained: Path, bundled: Path = WEIGHTS) -> dict[str, fl
 
 
 def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = CONFIG) -> list[tuple[str, list[str] | None]]:
-    from trainer.config import load_config
-
     py, trainer = [sys.executable], [sys.executable, "-m", "trainer"]
     degrade = [*py, "-m", "tinysr", "degrade"]
     cfg = ["--config", config, "--resume", "latest", f"name={name}", f"teacher={weights / 'tsdsr-demo'}"]
-    prior = load_config(ROOT / config).standins.target == "realesrgan"
+    loaded = load_config(ROOT / config)
+    prior = loaded.standins.target == "realesrgan"
     return [
         ("photos", [*py, "scripts/fetch_photos.py", str(PHOTOS)]),
         ("pairs", [*degrade, str(PHOTOS / "train"), "-o", str(PAIRS), "--crop", str(TRAIN_CROP), "--per-image", str(CROPS_PER_PHOTO), "--seed", str(SEED)]),
@@ -87,7 +86,7 @@ def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = 
         ("demo-base-vae", [*trainer, "demo-base-vae", *cfg]),
         ("demo-teacher", [*trainer, "demo-teacher", *cfg]),
         ("publish-teacher", None),
-        *[(stage, [*trainer, stage, *cfg]) for stage in CHAIN],
+        *[(stage, [*trainer, stage, *cfg]) for stage in chain_stages(loaded)],
         ("publish-student", None),
     ]
 
@@ -112,8 +111,6 @@ def main() -> int:
     parser.add_argument("--name", help="run name: stages write runs/NAME/STAGE (default: the config's name)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the fp16 teacher and student are published")
     args = parser.parse_args()
-    from trainer.config import load_config
-
     args.name = args.name or load_config(ROOT / args.config).name
     run, weights = RUNS / args.name, args.weights.resolve()
     timings_path = run / "timings.json"

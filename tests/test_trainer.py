@@ -59,6 +59,7 @@ def workspace(tmp_path_factory):
             "prune-export": {},
             "distill-1": {**TINY_STAGE, "steps": 12, "lr": 1e-3, "w_l1": 1.0, "checkpoint_every": 4},
             "distill-2": {**TINY_STAGE, "steps": 4, "lr": 1e-4, "w_l1": 5.0, "w_lpips": 1.0, "w_gan": 0.3, "lattice_period": 8},
+            "decoder-tune": {**TINY_STAGE, "steps": 6, "lr": 3e-3, "w_l1": 1.0, "w_lpips": 1.0, "lattice_period": 8, "upsample_mode": "bilinear"},
             "export": {},
             "token-prune": {},
         },
@@ -111,12 +112,18 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
         check(load_config(cfg, ["tiny_vae.upsample_mode=bicubic"]), ["vae-encoder"])
     with pytest.raises(ConfigError, match="tiny_vae.encoder_type must be one of taesd, patch"):
         check(load_config(cfg, ["tiny_vae.encoder_type=conv"]), ["vae-encoder"])
+    with pytest.raises(ConfigError, match="decoder-tune.upsample_mode must be empty .as trained. or one of nearest, bilinear"):
+        check(load_config(cfg, ["stages.decoder-tune.upsample_mode=bicubic"]), ["decoder-tune"])
+    with pytest.raises(ConfigError, match="padding_mode would change the TAESD encoder's padding too"):
+        check(load_config(cfg, ["stages.decoder-tune.padding_mode=replicate"]), ["decoder-tune"])
+    with pytest.raises(ConfigError, match="switch a TinyAutoencoder's decoder, not a PatchAutoencoder's"):
+        check(load_config(cfg, ["tiny_vae_class=PatchAutoencoder"]), ["decoder-tune"])
 
 
 @pytest.fixture(scope="module")
 def chain(workspace):
     """`python -m trainer all` on the tiny config, every stage on a fixed batch so its loss must fall."""
-    overrides = [f"stages.{st}.overfit_batch=true" for st in ("vae-encoder", "vae-decoder", "prune-search", "distill-1", "distill-2")]
+    overrides = [f"stages.{st}.overfit_batch=true" for st in ("vae-encoder", "vae-decoder", "prune-search", "distill-1", "distill-2", "decoder-tune")]
     overrides.append("remove_token_pattern=true")  # as the bundled demo's config
     start = time.perf_counter()
     assert trainer_main(["all", "--config", str(workspace / "tiny.yaml"), *overrides]) == 0
@@ -146,6 +153,13 @@ def test_demo_chain_end_to_end(workspace, chain):
     assert pipe(random_image(16, 16)).image.shape == (3, 64, 64)
     assert pipe.vae.config.scaling_factor == TEACHER_SCALING  # the student sees latents scaled as its teacher did
     assert pipe.remove_token_pattern  # written by export from the config
+    # decoder-tune ran after distill-2 and export shipped its VAE: the decoder switched to bilinear and retrained, the encoder kept
+    assert falls([r["l1"] for r in log_rows(workspace, "decoder-tune")], n=2)
+    assert pipe.vae.config.upsample_mode == "bilinear" and pipe.vae.config.padding_mode == "zeros"
+    before = load_tiny_vae(load_config(workspace / "tiny.yaml")).state_dict()
+    after = pipe.vae.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("encoder."))
+    assert not torch.equal(after["decoder.layers.0.depthwise.weight"], before["decoder.layers.0.depthwise.weight"])
     other_teacher = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=1.5305)))
     with pytest.raises(ConfigError, match="scaling_factor 1.2 is not the teacher VAE's 1.5305"):
         load_tiny_vae(load_config(workspace / "tiny.yaml"), teacher=other_teacher)

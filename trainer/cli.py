@@ -1,7 +1,7 @@
 """`python -m trainer STAGE --config trainer/configs/NAME.yaml [key=value ...] [--resume latest]`.
 
 The same command runs under `accelerate launch -m trainer ...` on several GPUs or nodes.
-`STAGE` may be `all`, which runs the chain vae-encoder -> ... -> export in order.
+`STAGE` may be `all`, which runs the chain vae-encoder -> ... -> export in order (with decoder-tune where configured).
 """
 
 import argparse
@@ -13,7 +13,7 @@ from tinysr.errors import missing_extra_message
 
 def main(argv=None) -> int:
     try:
-        from .config import CHAIN, STAGES, ConfigError, check, load_config
+        from .config import STAGES, ConfigError, chain_stages, check, load_config
     except ImportError as e:  # a core install: say what to install, --help still works
         message = missing_extra_message(e)
         if message is None:
@@ -30,10 +30,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", default=None, help="`latest` or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="config overrides like stages.distill-1.steps=10")
     args = parser.parse_intermixed_args(argv)
-    stages = list(CHAIN) if args.stage == "all" else [args.stage]
     reuse_freed_memory()
     try:
         cfg = load_config(args.config, args.overrides)
+        stages = chain_stages(cfg) if args.stage == "all" else [args.stage]
         check(cfg, stages)
         from .stages import STAGE_FUNCTIONS, stage_function
 

@@ -17,9 +17,22 @@ from tinysr.models.autoencoder_tiny import ENCODER_TYPES, UPSAMPLE_MODES
 
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
-    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher",
+    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher", "decoder-tune",
 )
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
+
+
+def chain_stages(cfg) -> list[str]:
+    """What `all` runs: the paper's CHAIN, with decoder-tune (not the paper's) before export where the config has it."""
+    stages = list(CHAIN)
+    if "decoder-tune" in cfg.stages:
+        stages.insert(stages.index("export"), "decoder-tune")
+    return stages
+
+
+def tiny_vae_stage(cfg) -> str:
+    """The stage whose tiny VAE export ships."""
+    return "decoder-tune" if "decoder-tune" in cfg.stages else "vae-decoder"
 
 
 FINAL = "final"
@@ -43,7 +56,8 @@ def upstream_stages(cfg, stage: str) -> list[str]:
         "prune-export": ["prune-search"],
         "distill-1": ["prune-export", *decoder],
         "distill-2": ["prune-export", "distill-1", *decoder],
-        "export": ["distill-2", *decoder],
+        "decoder-tune": ["distill-2", *decoder],
+        "export": ["distill-2", tiny_vae_stage(cfg)],
         "demo-teacher": ["demo-base-vae"] + (["demo-prior"] if cfg.standins.target == "realesrgan" else []),
     }.get(stage, [])
 
@@ -107,6 +121,9 @@ class StageConfig:
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
     decoder_input: str = "lq"  # Eq. A.2 decodes LR latents; `hq` decodes HR latents
+    # decoder-tune: the tiny VAE's decoder switched to these first (no weights change; empty: as vae-decoder trained it)
+    upsample_mode: str = ""
+    padding_mode: str = ""
     # pruning search (TinyFusion-style)
     keep_per_group: int = 2
     group_size: int = 4
@@ -249,6 +266,13 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}.teacher_lattice_period must be 0 (off), 2 or 4 latent px (latent crops are multiples of 4), got {s.teacher_lattice_period}")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":
             raise ConfigError(f"stages.{stage}.disc_condition needs discriminator: dino-projected")
+        for key, allowed in (("upsample_mode", UPSAMPLE_MODES), ("padding_mode", PADDING_MODES)):
+            if s[key] and s[key] not in allowed:
+                raise ConfigError(f"stages.{stage}.{key} must be empty (as trained) or one of {', '.join(allowed)}, got {s[key]!r}")
+        if (s.upsample_mode or s.padding_mode) and cfg.tiny_vae_class != "TinyAutoencoder":
+            raise ConfigError(f"stages.{stage}: upsample_mode and padding_mode switch a TinyAutoencoder's decoder, not a {cfg.tiny_vae_class}'s")
+        if s.padding_mode and cfg.tiny_vae.encoder_type != "patch":
+            raise ConfigError(f"stages.{stage}.padding_mode would change the TAESD encoder's padding too (the student's input): only with tiny_vae.encoder_type patch")
     if cfg.tiny_vae_class not in TINY_VAES:
         raise ConfigError(f"tiny_vae_class must be one of {', '.join(TINY_VAES)}, got {cfg.tiny_vae_class!r}")
     if cfg.tiny_vae.encoder_type not in ENCODER_TYPES:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CHAIN, STAGES, ConfigError, check, load_config
+from .config import STAGES, ConfigError, chain_stages, check, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("TINYSR_CONFIG_DIR", ROOT / "trainer" / "configs"))
@@ -45,7 +45,12 @@ class LaunchRequest:
     pairs: str = ""  # a pairs folder under the runs folder (the app's prepared data); empty: the config's data.pairs
 
     def stages(self) -> list[str]:
-        return list(CHAIN) if self.stage == "all" else [self.stage]
+        if self.stage != "all":
+            return [self.stage]
+        try:
+            return chain_stages(load_config(CONFIG_DIR / self.config))
+        except ConfigError as e:
+            raise LaunchError(str(e)) from None
 
     def validate(self) -> None:
         if self.stage not in (*STAGES, "all"):

@@ -5,6 +5,7 @@ import importlib
 STAGE_FUNCTIONS = {
     "vae-encoder": "vae:run_vae_encoder",
     "vae-decoder": "vae:run_vae_decoder",
+    "decoder-tune": "vae:run_decoder_tune",
     "cache": "export:run_cache",
     "prune-search": "pruning:run_prune_search",
     "prune-tinyfusion": "pruning:run_prune_search",

@@ -3,15 +3,21 @@
 vae-encoder: MSE(E_tiny(x_LR), E_pre(x_LR)), unscaled SD3 latents.
 vae-decoder: 3 LPIPS(D_tiny(E_pre(x)), x_HR) + 1 GAN, x = x_LR by default (Eq. A.2 as printed)
 or x_HR with `decoder_input: hq`; a discriminator trains beside it.
+decoder-tune (not the paper's; the demo's): the decoder again, on what it will decode, the frozen distill-2
+student's latents as the exported pipeline makes them, to the photos (L1 + LPIPS + GAN as configured): a
+decoder trained on clean teacher latents draws the student's soft latents soft.
 The tiny VAE starts from E_pre's tensors where name and shape agree (trainer.common.new_tiny_vae).
 """
 
 import torch
 import torch.nn.functional as F
 
+from tinysr.lattice import without_lattice
+from tinysr.models import TinyAutoencoder, TinySRTransformer
 from tinysr.pipelines.base import vae_encode
+from tinysr.weights import merge_lora
 
-from ..common import load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, stage_pairs
+from ..common import final_dir, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, require, stage_pairs
 from ..config import FINAL
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
@@ -59,6 +65,57 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
         batch = run.batch(data, step)
         with torch.no_grad():
             z = vae_encode(e_pre, batch[source])
+        with run.accelerator.accumulate(decoder):
+            image = decoder(z)
+            logs = {}
+            loss = image_losses(image, batch["gt"], s, lpips, disc, logs)
+            if s.w_l1 > 0:
+                l1 = F.l1_loss(image.float(), batch["gt"].float())
+                loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
+            run.optimizer_step(loss, opt, params, schedule)
+        if disc is not None:
+            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
+        run.log(step, loss=loss.detach().item(), lr=schedule.get_last_lr()[0], **logs)
+    run.finish()
+    if run.is_main:
+        vae.save_pretrained(run.dir / FINAL / "vae")
+    return run.dir / FINAL
+
+
+def switched_decoder(vae, s):
+    """The tiny VAE with the stage's upsample_mode / padding_mode (parameter-free: the same tensors load)."""
+    changes = {key: s[key] for key in ("upsample_mode", "padding_mode") if s[key] and s[key] != vae.config[key]}
+    if not changes:
+        return vae
+    switched = TinyAutoencoder.from_config({**vae.config, **changes})
+    switched.load_state_dict(vae.state_dict())
+    return switched
+
+
+def run_decoder_tune(cfg, stage: str, resume: str | None = None):
+    run = TrainingRun(cfg, stage, resume)
+    s = run.scfg
+    vae = switched_decoder(load_tiny_vae(cfg, "vae-decoder"), s).to(run.device)
+    vae.encoder.requires_grad_(False)
+    student = TinySRTransformer.from_pretrained(require(final_dir(cfg, "distill-2") / "transformer", "distill-2"))
+    if getattr(student, "peft_config", None):
+        merge_lora(student)
+    student = student.to(run.device).eval().requires_grad_(False)
+    data = stage_pairs(cfg, s)
+    params = list(vae.decoder.parameters())
+    opt, schedule = run.optimizer(params)
+    disc, disc_opt = make_gan(s, s.w_gan > 0)
+    decoder, opt, schedule, disc, disc_opt = run.prepare(vae.decoder, opt, schedule, disc, disc_opt)
+    lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
+    scaling = vae.config.scaling_factor
+    for step in run.steps():
+        batch = run.batch(data, step)
+        with torch.no_grad():  # TinySRPipeline's latent path: encode, one step, its token pattern out where configured
+            z = vae_encode(vae, batch["lq_up"]) * scaling
+            eps = student(z)
+            if cfg.remove_token_pattern:
+                eps = without_lattice(eps.float(), student.config.patch_size)
+            z = (z - eps) / scaling
         with run.accelerator.accumulate(decoder):
             image = decoder(z)
             logs = {}
