@@ -112,12 +112,13 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
         check(load_config(cfg, ["tiny_vae.upsample_mode=bicubic"]), ["vae-encoder"])
     with pytest.raises(ConfigError, match="tiny_vae.encoder_type must be one of taesd, patch"):
         check(load_config(cfg, ["tiny_vae.encoder_type=conv"]), ["vae-encoder"])
-    with pytest.raises(ConfigError, match="decoder-tune.upsample_mode must be empty .as trained. or one of nearest, bilinear"):
-        check(load_config(cfg, ["stages.decoder-tune.upsample_mode=bicubic"]), ["decoder-tune"])
-    with pytest.raises(ConfigError, match="padding_mode would change the TAESD encoder's padding too"):
-        check(load_config(cfg, ["stages.decoder-tune.padding_mode=replicate"]), ["decoder-tune"])
-    with pytest.raises(ConfigError, match="switch a TinyAutoencoder's decoder, not a PatchAutoencoder's"):
-        check(load_config(cfg, ["tiny_vae_class=PatchAutoencoder"]), ["decoder-tune"])
+    for override, message in [
+        ("stages.decoder-tune.upsample_mode=bicubic", "decoder-tune.upsample_mode must be empty .as trained. or one of nearest, bilinear"),
+        ("stages.decoder-tune.padding_mode=replicate", "padding_mode would change the TAESD encoder's padding too"),
+        ("tiny_vae_class=PatchAutoencoder", "switch a TinyAutoencoder's decoder, not a PatchAutoencoder's"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            check(load_config(cfg, [override]), ["decoder-tune"])
 
 
 @pytest.fixture(scope="module")

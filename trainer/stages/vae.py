@@ -9,6 +9,8 @@ decoder trained on clean teacher latents draws the student's soft latents soft.
 The tiny VAE starts from E_pre's tensors where name and shape agree (trainer.common.new_tiny_vae).
 """
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -48,23 +50,19 @@ def run_vae_encoder(cfg, stage: str, resume: str | None = None):
     return run.dir / FINAL
 
 
-def run_vae_decoder(cfg, stage: str, resume: str | None = None):
-    run = TrainingRun(cfg, stage, resume)
+def train_decoder(run: TrainingRun, vae, data, latents) -> Path:
+    """The loop both decoder stages share: the decoder alone learns the photos (LPIPS, GAN and L1 as configured)
+    from `latents(batch)`, computed without gradients; the whole VAE is saved."""
     s = run.scfg
-    e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
-    vae = load_tiny_vae(cfg, "vae-encoder")
-    vae.encoder.requires_grad_(False)
-    data = stage_pairs(cfg, s)
     params = list(vae.decoder.parameters())
     opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
     decoder, opt, schedule, disc, disc_opt = run.prepare(vae.decoder, opt, schedule, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
-    source = "lq_up" if s.decoder_input == "lq" else "gt"
     for step in run.steps():
         batch = run.batch(data, step)
         with torch.no_grad():
-            z = vae_encode(e_pre, batch[source])
+            z = latents(batch)
         with run.accelerator.accumulate(decoder):
             image = decoder(z)
             logs = {}
@@ -80,6 +78,15 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
     if run.is_main:
         vae.save_pretrained(run.dir / FINAL / "vae")
     return run.dir / FINAL
+
+
+def run_vae_decoder(cfg, stage: str, resume: str | None = None):
+    run = TrainingRun(cfg, stage, resume)
+    e_pre = load_pretrained_vae(cfg, load_teacher(cfg, run.device))
+    vae = load_tiny_vae(cfg, "vae-encoder")
+    vae.encoder.requires_grad_(False)
+    source = "lq_up" if run.scfg.decoder_input == "lq" else "gt"
+    return train_decoder(run, vae, stage_pairs(cfg, run.scfg), lambda batch: vae_encode(e_pre, batch[source]))
 
 
 def switched_decoder(vae, s):
@@ -94,40 +101,19 @@ def switched_decoder(vae, s):
 
 def run_decoder_tune(cfg, stage: str, resume: str | None = None):
     run = TrainingRun(cfg, stage, resume)
-    s = run.scfg
-    vae = switched_decoder(load_tiny_vae(cfg, "vae-decoder"), s).to(run.device)
+    vae = switched_decoder(load_tiny_vae(cfg, "vae-decoder"), run.scfg).to(run.device)
     vae.encoder.requires_grad_(False)
     student = TinySRTransformer.from_pretrained(require(final_dir(cfg, "distill-2") / "transformer", "distill-2"))
     if getattr(student, "peft_config", None):
         merge_lora(student)
     student = student.to(run.device).eval().requires_grad_(False)
-    data = stage_pairs(cfg, s)
-    params = list(vae.decoder.parameters())
-    opt, schedule = run.optimizer(params)
-    disc, disc_opt = make_gan(s, s.w_gan > 0)
-    decoder, opt, schedule, disc, disc_opt = run.prepare(vae.decoder, opt, schedule, disc, disc_opt)
-    lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     scaling = vae.config.scaling_factor
-    for step in run.steps():
-        batch = run.batch(data, step)
-        with torch.no_grad():  # TinySRPipeline's latent path: encode, one step, its token pattern out where configured
-            z = vae_encode(vae, batch["lq_up"]) * scaling
-            eps = student(z)
-            if cfg.remove_token_pattern:
-                eps = without_lattice(eps.float(), student.config.patch_size)
-            z = (z - eps) / scaling
-        with run.accelerator.accumulate(decoder):
-            image = decoder(z)
-            logs = {}
-            loss = image_losses(image, batch["gt"], s, lpips, disc, logs)
-            if s.w_l1 > 0:
-                l1 = F.l1_loss(image.float(), batch["gt"].float())
-                loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
-            run.optimizer_step(loss, opt, params, schedule)
-        if disc is not None:
-            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
-        run.log(step, loss=loss.detach().item(), lr=schedule.get_last_lr()[0], **logs)
-    run.finish()
-    if run.is_main:
-        vae.save_pretrained(run.dir / FINAL / "vae")
-    return run.dir / FINAL
+
+    def student_output(batch):  # TinySRPipeline's latent path: encode, one step, its token pattern out where configured
+        z = vae_encode(vae, batch["lq_up"]) * scaling
+        eps = student(z)
+        if cfg.remove_token_pattern:
+            eps = without_lattice(eps.float(), student.config.patch_size)
+        return (z - eps) / scaling
+
+    return train_decoder(run, vae, stage_pairs(cfg, run.scfg), student_output)
