@@ -118,7 +118,7 @@ PROVENANCE = (
     "`python scripts/train_demo_weights.py --name repro --weights runs/repro-weights` on a fresh checkout (another "
     "2-core CPU, with AMX: 32.9 min of training) reproduced its files bit for bit. The student comes from a later run "
     "on that teacher (`--from vae-encoder`, a 2-core AMD Zen 5: tiny VAE, cache, pruning, distillation and "
-    "decoder-tune, 17.7 min). On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
+    "decoder-tune, 17.7 min); the same command rerun as `--name s36r` (18.4 min) gave every published tensor bit for bit. On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
     "decoder diverged from the fifth digit of its losses: a student retrained on another CPU differed by up to "
     "0.017 in a transformer weight and 1.21 in a VAE weight, at the same quality."
 )

@@ -1,4 +1,4 @@
-"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (35 min on a 2-core Xeon with AMX).
+"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 38 min on 2-core CPUs).
 
 Photos from Debian packages -> degraded pairs -> Real-ESRGAN x4plus's restorations of them (the
 demo's pretrained prior, computed once) -> stand-in base VAE and teacher -> the paper's chain
