@@ -183,7 +183,8 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "in the paper) retrained the tiny VAE's decoder for 600 steps on what it decodes in the pipeline, the frozen "
             "student's latents, to the photos (L1 plus ST-LPIPS less the 8-px pattern), its upsampling switched from TAESD's "
             "nearest to bilinear (nearest stepped sharpened diagonal edges one latent pixel wide) and its padding to "
-            "replicate: the student's images got sharper (ST-LPIPS lower) at some PSNR on the real sets. At this scale the "
+            "replicate: sharper edges (ST-LPIPS 0.542 -> 0.457 on the synthetic set against the same run without it) at "
+            "1.4-1.5 dB of PSNR on the real sets and a thin rim at strong edges. At this scale the "
             "teacher's stand-in VAE is already cheap (it works on 4x4 patches; the tiny VAE takes about as long), so the "
             "speed-up comes from the pruned transformer and is far below the paper's (where SD3's VAE dominates)."
         ),
