@@ -120,6 +120,17 @@ def new_tiny_vae(cfg, e_pre, scaling_factor: float):
     return vae
 
 
+def load_distilled_student(cfg):
+    """distill-2's student, its LoRA (if any) merged: what decoder-tune decodes and export ships."""
+    from tinysr.models import TinySRTransformer
+    from tinysr.weights import merge_lora
+
+    student = TinySRTransformer.from_pretrained(require(final_dir(cfg, "distill-2") / "transformer", "distill-2"))
+    if getattr(student, "peft_config", None):
+        merge_lora(student)
+    return student
+
+
 class TeacherLatents:
     """z_tea = E_tea(x) - eps_tea(E_tea(x)) for a batch, from the latent cache when it holds the pair."""
 

@@ -61,10 +61,14 @@ def load_student(cfg, stage: str, s) -> TinySRTransformer:
     return student
 
 
-def student_latents(student, tiny_vae, lq_up):
-    """z_stu = E_tiny(x) - eps_stu(E_tiny(x)), in the teacher's scaled latent space."""
+def student_latents(student, tiny_vae, lq_up, remove_token_pattern: bool = False):
+    """z_stu = E_tiny(x) - eps_stu(E_tiny(x)), in the teacher's scaled latent space; with `remove_token_pattern`, eps
+    less its per-image token pattern, as the exported pipeline predicts (OneStepSRPipeline.without_token_pattern)."""
     z = vae_encode(tiny_vae, lq_up) * tiny_vae.config.scaling_factor
-    return z - student(z)
+    eps = student(z)
+    if remove_token_pattern:
+        eps = without_lattice(eps.float(), student.config.patch_size)
+    return z - eps
 
 
 def save_student(run: TrainingRun, student) -> None:

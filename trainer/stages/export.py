@@ -4,9 +4,8 @@ import json
 
 from tinysr.latent_cache import build_latent_cache
 from tinysr.pipelines import TinySRPipeline
-from tinysr.weights import merge_lora
 
-from ..common import final_dir, load_teacher, load_tiny_vae, require
+from ..common import final_dir, load_distilled_student, load_teacher, load_tiny_vae
 from ..config import tiny_vae_stage
 from ..run import stage_dir
 
@@ -24,12 +23,7 @@ def run_cache(cfg, stage: str, resume: str | None = None):
 
 def run_export(cfg, stage: str, resume: str | None = None):
     """distill-2's student (LoRA merged) + the tiny VAE (decoder-tune's where configured, else vae-decoder's) -> a folder TinySRPipeline loads."""
-    from tinysr.models import TinySRTransformer
-
-    transformer = TinySRTransformer.from_pretrained(require(final_dir(cfg, "distill-2") / "transformer", "distill-2"))
-    if getattr(transformer, "peft_config", None):
-        merge_lora(transformer)
-    pipe = TinySRPipeline(transformer, load_tiny_vae(cfg, tiny_vae_stage(cfg)), device="cpu", remove_token_pattern=cfg.remove_token_pattern)
+    pipe = TinySRPipeline(load_distilled_student(cfg), load_tiny_vae(cfg, tiny_vae_stage(cfg)), device="cpu", remove_token_pattern=cfg.remove_token_pattern)
     out = stage_dir(cfg, stage)
     pipe.save_pretrained(out)
     decision = final_dir(cfg, "prune-export") / "decision.json"

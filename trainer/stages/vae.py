@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinysr.lattice import without_lattice
-from tinysr.models import TinyAutoencoder, TinySRTransformer
+from tinysr.models import TinyAutoencoder
 from tinysr.pipelines.base import vae_encode
-from tinysr.weights import merge_lora
 
-from ..common import final_dir, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, require, stage_pairs
+from ..common import load_distilled_student, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, stage_pairs
 from ..config import FINAL
 from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
+from .distill import student_latents
 
 
 def run_vae_encoder(cfg, stage: str, resume: str | None = None):
@@ -103,17 +102,9 @@ def run_decoder_tune(cfg, stage: str, resume: str | None = None):
     run = TrainingRun(cfg, stage, resume)
     vae = switched_decoder(load_tiny_vae(cfg, "vae-decoder"), run.scfg).to(run.device)
     vae.encoder.requires_grad_(False)
-    student = TinySRTransformer.from_pretrained(require(final_dir(cfg, "distill-2") / "transformer", "distill-2"))
-    if getattr(student, "peft_config", None):
-        merge_lora(student)
-    student = student.to(run.device).eval().requires_grad_(False)
-    scaling = vae.config.scaling_factor
+    student = load_distilled_student(cfg).to(run.device).eval().requires_grad_(False)
 
-    def student_output(batch):  # TinySRPipeline's latent path: encode, one step, its token pattern out where configured
-        z = vae_encode(vae, batch["lq_up"]) * scaling
-        eps = student(z)
-        if cfg.remove_token_pattern:
-            eps = without_lattice(eps.float(), student.config.patch_size)
-        return (z - eps) / scaling
+    def student_output(batch):  # the exported pipeline's latent path, unscaled for the decoder
+        return student_latents(student, vae, batch["lq_up"], cfg.remove_token_pattern) / vae.config.scaling_factor
 
     return train_decoder(run, vae, stage_pairs(cfg, run.scfg), student_output)
