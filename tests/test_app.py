@@ -20,7 +20,7 @@ from PIL import Image
 
 from tinysr import TinySRPipeline, TSDSRPipeline
 from tinysr.errors import TinySRError
-from trainer.launch import LaunchError, LaunchRequest
+from trainer.launch import LaunchError, LaunchRequest, TrainingJob
 from webapp import about, common, paths, training, upscale
 
 from .conftest import make_kl, make_sd3, make_student, make_tiny_vae, random_image
@@ -139,6 +139,38 @@ def test_launch_preflight_says_what_to_run_first(tmp_path, monkeypatch):
     LaunchRequest("vae-encoder", "c.yaml", "r", pairs=str(pairs)).preflight()
     with pytest.raises(LaunchError, match=r"distill-1 reads the output of prune-export, vae-decoder .* run `python -m trainer prune-export"):
         LaunchRequest("distill-1", "c.yaml", "r", pairs=str(pairs)).preflight()
+
+
+def test_a_running_job_reports_its_stages_after_its_config_is_gone(tmp_path, monkeypatch):
+    import trainer.launch
+
+    class Running:  # the subprocess, which this test does not need
+        pid = 0
+
+        def poll(self):
+            return None
+
+    pairs = tmp_path / "runs" / "pairs"
+    for sub in ("gt", "lq"):
+        (pairs / sub).mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    chain = ["vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export"]
+    stages = {stage: {"steps": 7 + i} for i, stage in enumerate(chain)}
+    config.write_text(yaml.safe_dump({"teacher": "tsdsr", "stages": {**stages, "decoder-tune": {"steps": 30}}}))
+    monkeypatch.setattr(trainer.launch, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setattr(trainer.launch, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(trainer.launch.subprocess, "Popen", lambda *a, **k: Running())
+    job = TrainingJob()
+    job.start(LaunchRequest("all", "c.yaml", "r", pairs=str(pairs)), use_cpu=True)
+    config.unlink()
+    status = job.status()
+    assert (status["state"], status["stage"], status["target_steps"]) == ("running", "vae-encoder", 7)
+    (tmp_path / "runs" / "r" / "vae-decoder").mkdir()
+    (tmp_path / "runs" / "r" / "vae-decoder" / "log.jsonl").write_text(json.dumps({"stage": "vae-decoder", "step": 3, "loss": 1.0}) + "\n")
+    status = job.status()
+    assert (status["stage"], status["target_steps"], len(status["rows"])) == ("vae-decoder", 8, 1)
+    assert job.stages == [*chain[:-1], "decoder-tune", "export"] and job.targets["decoder-tune"] == 30
 
 
 def test_server_folders_only_under_the_allowed_roots(tmp_path, monkeypatch):

@@ -102,6 +102,8 @@ class TrainingJob:
         self._lock = threading.Lock()
         self.process: subprocess.Popen | None = None
         self.request: LaunchRequest | None = None
+        self.stages: list[str] = []
+        self.targets: dict[str, int | None] = {}
         self.console: Path | None = None
         self.started = 0.0
         self.stopped = False
@@ -110,8 +112,11 @@ class TrainingJob:
         return self.process is not None and self.process.poll() is None
 
     def start(self, request: LaunchRequest, use_cpu: bool | None = None) -> list[str]:
+        """Stages and step targets are read from the config here, once: polls must not depend on the file staying."""
         request.validate()
         request.preflight()
+        stages = request.stages()
+        targets = target_steps(request, stages)
         if use_cpu is None:
             import torch
 
@@ -129,7 +134,8 @@ class TrainingJob:
                 log.flush()
                 # a session of its own, so stop() reaches accelerate's worker processes too
                 self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.request, self.started, self.stopped = request, time.time(), False
+            self.request, self.stages, self.targets = request, stages, targets
+            self.started, self.stopped = time.time(), False
             return command
 
     def stop(self, grace_s: float = 10.0) -> bool:
@@ -162,10 +168,10 @@ class TrainingJob:
             state = "running"
         else:
             state = "finished" if code == 0 else "stopped" if self.stopped else f"failed (exit code {code})"
-        log = latest_log(RUNS / self.request.name, self.request.stages())
+        log = latest_log(RUNS / self.request.name, self.stages)
         rows = read_log(log) if log else []
-        stage = rows[-1]["stage"] if rows else self.request.stages()[0]
-        return {"state": state, "stage": stage, "rows": rows, "elapsed_s": time.time() - self.started, "target_steps": target_steps(self.request, stage)}
+        stage = rows[-1]["stage"] if rows else self.stages[0]
+        return {"state": state, "stage": stage, "rows": rows, "elapsed_s": time.time() - self.started, "target_steps": self.targets.get(stage)}
 
 
 def latest_log(run_dir: Path, stages: list[str]) -> Path | None:
@@ -183,12 +189,14 @@ def read_log(path: Path) -> list[dict]:
     return rows
 
 
-def target_steps(request: LaunchRequest, stage: str) -> int | None:
+def target_steps(request: LaunchRequest, stages: list[str]) -> dict[str, int | None]:
+    """Each stage's step count: the request's, else the config's (None where the config cannot say)."""
     if request.steps:
-        return request.steps
+        return dict.fromkeys(stages, request.steps)
     from .config import ConfigError, load_config
 
     try:
-        return int(load_config(CONFIG_DIR / request.config).stages[stage].steps)
-    except (ConfigError, KeyError):
-        return None
+        cfg = load_config(CONFIG_DIR / request.config)
+    except ConfigError:
+        return dict.fromkeys(stages)
+    return {stage: int(cfg.stages[stage].steps) if stage in cfg.stages else None for stage in stages}
