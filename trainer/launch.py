@@ -44,11 +44,11 @@ class LaunchRequest:
     mixed_precision: str = "no"
     pairs: str = ""  # a pairs folder under the runs folder (the app's prepared data); empty: the config's data.pairs
 
-    def stages(self) -> list[str]:
+    def stages(self, cfg=None) -> list[str]:
         if self.stage != "all":
             return [self.stage]
         try:
-            return chain_stages(load_config(CONFIG_DIR / self.config))
+            return chain_stages(cfg or load_config(CONFIG_DIR / self.config))
         except ConfigError as e:
             raise LaunchError(str(e)) from None
 
@@ -79,12 +79,15 @@ class LaunchRequest:
                     items.append(f"stages.{stage}.{key}={value}")
         return items
 
-    def preflight(self) -> None:
-        """The trainer's own config checks, here and now: missing pairs or earlier stages are a sentence, not a dead job."""
+    def preflight(self):
+        """The trainer's own config checks, here and now: missing pairs or earlier stages are a sentence, not a dead job.
+        Returns the config as the job will run it."""
         try:
-            check(load_config(CONFIG_DIR / self.config, self.overrides()), self.stages())
+            cfg = load_config(CONFIG_DIR / self.config, self.overrides())
+            check(cfg, self.stages(cfg))
         except ConfigError as e:
             raise LaunchError(str(e)) from None
+        return cfg
 
     def command(self, use_cpu: bool) -> list[str]:
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(int(self.num_processes))]
@@ -103,7 +106,7 @@ class TrainingJob:
         self.process: subprocess.Popen | None = None
         self.request: LaunchRequest | None = None
         self.stages: list[str] = []
-        self.targets: dict[str, int | None] = {}
+        self.targets: dict[str, int] = {}
         self.console: Path | None = None
         self.started = 0.0
         self.stopped = False
@@ -114,9 +117,9 @@ class TrainingJob:
     def start(self, request: LaunchRequest, use_cpu: bool | None = None) -> list[str]:
         """Stages and step targets are read from the config here, once: polls must not depend on the file staying."""
         request.validate()
-        request.preflight()
-        stages = request.stages()
-        targets = target_steps(request, stages)
+        cfg = request.preflight()
+        stages = request.stages(cfg)
+        targets = {stage: int(cfg.stages[stage].steps) for stage in stages}  # check() saw a section for each
         if use_cpu is None:
             import torch
 
@@ -188,15 +191,3 @@ def read_log(path: Path) -> list[dict]:
             break
     return rows
 
-
-def target_steps(request: LaunchRequest, stages: list[str]) -> dict[str, int | None]:
-    """Each stage's step count: the request's, else the config's (None where the config cannot say)."""
-    if request.steps:
-        return dict.fromkeys(stages, request.steps)
-    from .config import ConfigError, load_config
-
-    try:
-        cfg = load_config(CONFIG_DIR / request.config)
-    except ConfigError:
-        return dict.fromkeys(stages)
-    return {stage: int(cfg.stages[stage].steps) if stage in cfg.stages else None for stage in stages}
