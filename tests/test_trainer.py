@@ -467,6 +467,32 @@ def test_demo_prior_restorations_become_the_teachers_target(workspace):
         check(load_config(cfg, ["standins.target=esrgan"]), ["distill-1"])
 
 
+def test_dihedral_teacher_pairs_encode_each_flip_and_turn(workspace):
+    """stages.demo-teacher.dihedral: all eight views of every pair, input and target turned alike, each encoded."""
+    from tinysr.pipelines.base import vae_encode
+    from trainer.stages.standins import DIHEDRAL, EncodedPairs
+
+    torch.manual_seed(0)
+    vae = PatchAutoencoder(**{**TINY_PATCH, "lapped": True})
+    vae.fit_linear(torch.rand(2, 3, 32, 32) * 2 - 1)
+    torch.nn.init.normal_(vae.encoder.refiner.conv_out.weight, std=0.1)  # a refiner makes the encoder non-linear
+    pairs = [{"lq_up": torch.rand(3, 32, 32) * 2 - 1, "prior": torch.rand(3, 32, 32) * 2 - 1} for _ in range(3)]
+    plain = EncodedPairs(pairs, vae, "prior", True, "cpu")
+    data = EncodedPairs(pairs, vae, "prior", True, "cpu", dihedral=True)
+    assert len(plain) == 3 and len(data) == 24
+    x = pairs[1]["lq_up"][None]
+    views = [view(x) for view in DIHEDRAL]
+    assert all(not torch.equal(views[i], views[j]) for i in range(8) for j in range(i))  # eight different images
+    assert torch.equal(views[5], torch.rot90(x.flip(-1), 1, dims=(-2, -1)))
+    for k, view in enumerate(views):
+        item = data[3 * k + 1]
+        assert torch.equal(item["image"], DIHEDRAL[k](pairs[1]["prior"][None])[0])
+        with torch.no_grad():
+            assert torch.allclose(item["z_lq"], vae_encode(vae, view)[0], atol=1e-5)
+    assert torch.equal(data[1]["z_target"], plain[1]["z_target"])  # the first view is the pair itself
+    assert not torch.allclose(data[3 + 1]["z_lq"], vae_encode(vae, views[0]).rot90(1, dims=(-2, -1))[0], atol=1e-3)  # latents do not turn with it
+
+
 @pytest.mark.parametrize("name, kept", [("paper", 12), ("paper-prune33", 16), ("paper-prune67", 8)])
 def test_paper_configs_and_their_pruning_ratios(name, kept, tmp_path):
     """Table C.2's variants inherit paper.yaml (`base:`) and keep 50%, 67%, 33% of SD3's 24 blocks."""

@@ -115,6 +115,7 @@ class StageConfig:
     w_gan: float = 0.0
     w_kl: float = 0.0
     w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
+    dihedral: bool = False  # demo-teacher: every pair also in its 7 other flips and quarter turns (input and target alike)
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
     lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.without_lattice)
     teacher_lattice_period: int = 0  # distill: > 0 takes each crop's mean pattern of this period (latent px) out of the teacher's latents

@@ -39,6 +39,10 @@ from ..run import TrainingRun, stage_dir
 
 SCALING_BATCHES = 8
 PCA_BATCHES = 32
+# the eight flips and quarter turns of an image (N, C, H, W), the identity first
+DIHEDRAL = [
+    lambda x, k=k, flip=flip: torch.rot90(x.flip(-1) if flip else x, k, dims=(-2, -1)) for flip in (False, True) for k in range(4)
+]
 
 
 @torch.no_grad()
@@ -144,14 +148,16 @@ class EncodedPairs(torch.utils.data.Dataset):
     """
 
     @torch.no_grad()
-    def __init__(self, pairs, vae, target: str, with_images: bool, device, chunk: int = 32):
+    def __init__(self, pairs, vae, target: str, with_images: bool, device, dihedral: bool = False, chunk: int = 32):
         items = [pairs[i] for i in range(len(pairs))]
+        views = DIHEDRAL if dihedral else DIHEDRAL[:1]
         self.tensors: dict[str, torch.Tensor] = {}
         for key, source in (("z_lq", "lq_up"), ("z_target", target)):
-            images = [torch.stack([item[source] for item in items[i : i + chunk]]) for i in range(0, len(items), chunk)]
-            self.tensors[key] = torch.cat([vae_encode(vae, x.to(device)).cpu() for x in images])
+            stacked = [torch.stack([item[source] for item in items[i : i + chunk]]) for i in range(0, len(items), chunk)]
+            # each view encoded on its own: the patch VAE's latents do not flip or turn with the image
+            self.tensors[key] = torch.cat([vae_encode(vae, view(x).to(device)).cpu() for view in views for x in stacked])
         if with_images:
-            self.tensors["image"] = torch.stack([item[target] for item in items])
+            self.tensors["image"] = torch.cat([view(torch.stack([item[target] for item in items])) for view in views])
 
     def __len__(self) -> int:
         return len(self.tensors["z_lq"])
@@ -187,7 +193,7 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
     target = "prior" if cfg.standins.target == "realesrgan" else "gt"
     with_images = s.w_lpips > 0 or s.w_gan > 0 or s.w_image_l1 > 0
-    data = EncodedPairs(stage_pairs(cfg, s, prior=target == "prior"), vae, target, with_images, run.device)
+    data = EncodedPairs(stage_pairs(cfg, s, prior=target == "prior"), vae, target, with_images, run.device, dihedral=s.dihedral)
     params = list(transformer.parameters())
     opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
