@@ -153,11 +153,12 @@ class EncodedPairs(torch.utils.data.Dataset):
         views = DIHEDRAL if dihedral else DIHEDRAL[:1]
         self.tensors: dict[str, torch.Tensor] = {}
         for key, source in (("z_lq", "lq_up"), ("z_target", target)):
-            stacked = [torch.stack([item[source] for item in items[i : i + chunk]]) for i in range(0, len(items), chunk)]
+            images = [torch.stack([item[source] for item in items[i : i + chunk]]) for i in range(0, len(items), chunk)]
             # each view encoded on its own: the patch VAE's latents do not flip or turn with the image
-            self.tensors[key] = torch.cat([vae_encode(vae, view(x).to(device)).cpu() for view in views for x in stacked])
+            self.tensors[key] = torch.cat([vae_encode(vae, view(x).to(device)).cpu() for view in views for x in images])
         if with_images:
-            self.tensors["image"] = torch.cat([view(torch.stack([item[target] for item in items])) for view in views])
+            images = torch.stack([item[target] for item in items])
+            self.tensors["image"] = torch.cat([view(images) for view in views])
 
     def __len__(self) -> int:
         return len(self.tensors["z_lq"])
