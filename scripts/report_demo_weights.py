@@ -116,9 +116,10 @@ def metrics_table(results: dict) -> str:
 PROVENANCE = (
     "Provenance: the teacher's stages ran as separate commands of this code; one uninterrupted run of "
     "`python scripts/train_demo_weights.py --name repro --weights runs/repro-weights` on a fresh checkout (another "
-    "2-core CPU, with AMX: 32.9 min of training) reproduced its files bit for bit. The student comes from a later run "
-    "on that teacher (`--from vae-encoder`, a 2-core AMD Zen 5: tiny VAE, cache, pruning, distillation and "
-    "decoder-tune, 17.7 min); the same command rerun as `--name s36r` (18.4 min) gave every published tensor bit for bit. On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
+    "2-core CPU, with AMX: 32.9 min of training) reproduced the regression teacher's files bit for bit. The tiny VAE "
+    "comes from a later run on that teacher (`--from vae-encoder`, a 2-core AMD Zen 5, 6.4 min); the teacher's "
+    "fine-tune and the student from a later one still (`--from demo-teacher-tune`, the same CPU kind: the fine-tune, "
+    "cache, pruning, distillation and decoder-tune, 15.3 min). On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
     "decoder diverged from the fifth digit of its losses: a student retrained on another CPU differed by up to "
     "0.017 in a transformer weight and 1.21 in a VAE weight, at the same quality."
 )
@@ -146,7 +147,8 @@ def precision_note(bench: dict, m: dict) -> str:
 
 
 def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
-    stages = ["demo-prior", "demo-base-vae", "demo-teacher"] if kind == "teacher" else chain_stages(load_config(ROOT / CONFIG))
+    teacher = ["demo-prior", "demo-base-vae", "demo-teacher", "demo-teacher-tune"]
+    stages = teacher if kind == "teacher" else chain_stages(load_config(ROOT / CONFIG))
     rows = "\n".join(
         f"| {s} | {timings[s].get('steps', '-')} | {timings[s]['wall_s'] / 60:.1f} | "
         + (f"{timings[s]['first_loss']:.3g} -> {timings[s]['last_loss']:.3g}" if "first_loss" in timings[s] else "-")
@@ -164,7 +166,11 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "`PatchAutoencoder` (4x4 patches, 16 latent channels; linear path initialised as whitened PCA of the training "
             "patches; decoding through overlapping 8x8 kernels after a latent refiner) as the stand-in for SD3's VAE. "
             "Its prior is Real-ESRGAN x4plus: it learnt to reproduce Real-ESRGAN's restorations of the training pairs "
-            "by latent regression, where the paper's TSD-SR inherits SD3's. It plays TSD-SR's role in the demo chain: "
+            "by latent regression, where the paper's TSD-SR inherits SD3's; then `demo-teacher-tune` fine-tuned it for 300 "
+            "steps through its decoded images: ST-LPIPS to the prior's images, each less its local 16-px pattern, those "
+            "patterns held together by an L1, and its steps across the 4-px latent cells held to the prior's (the regression "
+            "alone drew its errors as cell-sized blocks: boundary steps 2.7x those inside cells on the synthetic set, "
+            "1.3x after; photos 1.0). It plays TSD-SR's role in the demo chain: "
             "the teacher the student is pruned from and distilled towards. Its pipeline takes the per-image mean pattern "
             "over the positions inside a token out of the transformer's prediction (`remove_token_pattern` in "
             "model_index.json): without it, the same tensors drew a dot grid at the token period (lattice 1.41 on the "
@@ -183,8 +189,9 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "in the paper) retrained the tiny VAE's decoder for 600 steps on what it decodes in the pipeline, the frozen "
             "student's latents, to the photos (L1 plus ST-LPIPS less the 8-px pattern), its upsampling switched from TAESD's "
             "nearest to bilinear (nearest stepped sharpened diagonal edges one latent pixel wide) and its padding to "
-            "replicate: sharper edges (ST-LPIPS 0.542 -> 0.457 on the synthetic set against the same run without it) at "
-            "1.4-1.5 dB of PSNR on the real sets and a thin rim at strong edges. At this scale the "
+            "replicate: sharper edges (ST-LPIPS 0.542 -> 0.457 on the synthetic set against the same run without it, "
+            "with the teacher before its fine-tune) at 1.4-1.5 dB of PSNR on the real sets and a thin rim at strong edges. "
+            "Distilled from the fine-tuned teacher rather than the regression one: ST-LPIPS 0.457 -> 0.431, PSNR unchanged. At this scale the "
             "teacher's stand-in VAE is already cheap (it works on 4x4 patches; the tiny VAE takes about as long), so the "
             "speed-up comes from the pruned transformer and is far below the paper's (where SD3's VAE dominates)."
         ),

@@ -1,7 +1,7 @@
-"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 38 min on 2-core CPUs).
+"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 42 min on 2-core CPUs).
 
 Photos from Debian packages -> degraded pairs -> Real-ESRGAN x4plus's restorations of them (the
-demo's pretrained prior, computed once) -> stand-in base VAE and teacher -> the paper's chain
+demo's pretrained prior, computed once) -> stand-in base VAE and teacher (regression, then a fine-tune through its images) -> the paper's chain
 (tiny VAE, cache, pruning search, export, distill-1, distill-2, then decoder-tune, export) with
 trainer/configs/demo-realesrgan.yaml, then the teacher and student are written in fp16 to
 assets/weights/. `--config trainer/configs/demo.yaml` trains the earlier stand-ins instead (no
@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import chain_stages, load_config  # noqa: E402
+from trainer.config import chain_stages, load_config, teacher_stage  # noqa: E402
 
 CONFIG = "trainer/configs/demo-realesrgan.yaml"
 RUNS = ROOT / "runs"
@@ -85,6 +85,7 @@ def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = 
         *([("demo-prior", [*trainer, "demo-prior", *cfg])] if prior else []),
         ("demo-base-vae", [*trainer, "demo-base-vae", *cfg]),
         ("demo-teacher", [*trainer, "demo-teacher", *cfg]),
+        *([("demo-teacher-tune", [*trainer, "demo-teacher-tune", *cfg])] if "demo-teacher-tune" in loaded.stages else []),
         ("publish-teacher", None),
         *[(stage, [*trainer, stage, *cfg]) for stage in chain_stages(loaded)],
         ("publish-student", None),
@@ -123,7 +124,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         if name == "publish-teacher":
-            publish(run / "demo-teacher" / "final", weights / "tsdsr-demo")
+            publish(run / teacher_stage(load_config(ROOT / args.config)) / "final", weights / "tsdsr-demo")
         elif name == "publish-student":
             publish(run / "export", weights / "tinysr-demo")
         else:

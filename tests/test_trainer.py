@@ -398,6 +398,29 @@ def test_demo_standins_train_and_make_a_teacher_the_chain_loads(workspace, vae_c
     assert teacher(random_image(16, 16)).image.shape == (3, 64, 64)
 
 
+def test_demo_teacher_tune_starts_from_the_teacher_and_trains_through_its_images(workspace):
+    """demo-teacher-tune: demo-teacher's pipeline, fine-tuned with the image terms (local grid, cell steps, LPIPS)."""
+    cfg = str(workspace / "tiny.yaml")
+    extra = ["name=tune", "remove_token_pattern=true"]
+    train_standins(cfg, "PatchAutoencoder", {**TINY_PATCH, "lapped": True}, 4, {"w_l1": 1.0}, {"w_l1": 1.0}, extra)
+    tune = {"lr": 1e-6, "steps": 3, "batch_size": 2, "log_every": 1, "overfit_batch": True, "w_l1": 1.0, "w_lpips": 1.0,
+            "lattice_period": 16, "lattice_window": 3, "w_lattice_l1": 10.0, "w_cell_steps": 5.0}
+    assert trainer_main(["demo-teacher-tune", "--config", cfg, *extra, f"stages.demo-teacher-tune={json.dumps(tune)}"]) == 0
+    rows = log_rows(workspace, "demo-teacher-tune", "tune")
+    assert len(rows) == 3 and all({"l1", "lpips", "lattice_l1", "cell_steps"} <= r.keys() for r in rows)
+    run = workspace / "runs" / "tune"
+    teacher = TSDSRPipeline.from_pretrained(run / "demo-teacher" / "final")
+    tuned = TSDSRPipeline.from_pretrained(run / "demo-teacher-tune" / "final")
+    assert tuned.remove_token_pattern and torch.equal(tuned.prompt_embeds, teacher.prompt_embeds)
+    assert all(torch.equal(v, tuned.vae.state_dict()[k]) for k, v in teacher.vae.state_dict().items())
+    start, end = teacher.transformer.proj_out.weight, tuned.transformer.proj_out.weight
+    assert start.abs().max() > 1e-3  # the teacher trained away from its identity start ...
+    assert 0 < (end - start).abs().max() < 1e-4  # ... and the tune moved on from there, not from a fresh model
+    for bad, message in (("lattice_window=4", "odd number of cells"), ("w_lattice_l1=1.0", "need a lattice_period")):
+        with pytest.raises(ConfigError, match=message):
+            check(load_config(cfg, [f"stages.demo-teacher-tune.{bad}"]), ["demo-teacher-tune"])
+
+
 def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, capsys):
     """tiny_vae_class PatchAutoencoder: the demo teacher's VAE with narrower refiners, from its linear maps and scale."""
     torch.manual_seed(0)

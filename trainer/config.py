@@ -17,7 +17,8 @@ from tinysr.models.autoencoder_tiny import ENCODER_TYPES, UPSAMPLE_MODES
 
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
-    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher", "decoder-tune",
+    "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher", "demo-teacher-tune",
+    "decoder-tune",
 )
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
 
@@ -33,6 +34,11 @@ def chain_stages(cfg) -> list[str]:
 def tiny_vae_stage(cfg) -> str:
     """The stage whose tiny VAE export ships."""
     return "decoder-tune" if "decoder-tune" in cfg.stages else "vae-decoder"
+
+
+def teacher_stage(cfg) -> str:
+    """The stage whose demo teacher ships."""
+    return "demo-teacher-tune" if "demo-teacher-tune" in cfg.stages else "demo-teacher"
 
 
 FINAL = "final"
@@ -59,6 +65,7 @@ def upstream_stages(cfg, stage: str) -> list[str]:
         "decoder-tune": ["distill-2", *decoder],
         "export": ["distill-2", tiny_vae_stage(cfg)],
         "demo-teacher": ["demo-base-vae"] + (["demo-prior"] if cfg.standins.target == "realesrgan" else []),
+        "demo-teacher-tune": ["demo-teacher"] + (["demo-prior"] if cfg.standins.target == "realesrgan" else []),
     }.get(stage, [])
 
 
@@ -117,7 +124,10 @@ class StageConfig:
     w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
     dihedral: bool = False  # demo-teacher: every pair also in its 7 other flips and quarter turns (input and target alike)
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
-    lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.without_lattice)
+    lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.lattice_pattern)
+    lattice_window: int = 0  # with lattice_period: that pattern averaged over this many cells around each (odd), 0: the whole crop
+    w_lattice_l1: float = 0.0  # with lattice_period: L1 between the image's and the target's pattern
+    w_cell_steps: float = 0.0  # demo-teacher(-tune): excess of the image's steps across latent cells over the target's (losses.cell_step_excess)
     teacher_lattice_period: int = 0  # distill: > 0 takes each crop's mean pattern of this period (latent px) out of the teacher's latents
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
@@ -263,6 +273,10 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
             raise ConfigError(f"stages.{stage}: lr_scheduler constant has no warm-up; use constant_with_warmup or set lr_warmup_steps: 0")
         if s.lattice_period < 0 or (s.lattice_period and 32 % s.lattice_period):
             raise ConfigError(f"stages.{stage}.lattice_period must be 0 (off) or divide 32 (crops are multiples of 32), got {s.lattice_period}")
+        if s.lattice_window < 0 or (s.lattice_window and s.lattice_window % 2 == 0):
+            raise ConfigError(f"stages.{stage}.lattice_window must be 0 (the whole crop) or an odd number of cells, got {s.lattice_window}")
+        if (s.lattice_window or s.w_lattice_l1) and not s.lattice_period:
+            raise ConfigError(f"stages.{stage}: lattice_window and w_lattice_l1 need a lattice_period")
         if s.teacher_lattice_period not in (0, 2, 4):
             raise ConfigError(f"stages.{stage}.teacher_lattice_period must be 0 (off), 2 or 4 latent px (latent crops are multiples of 4), got {s.teacher_lattice_period}")
         if s.disc_condition != "none" and s.discriminator != "dino-projected":

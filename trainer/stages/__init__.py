@@ -18,6 +18,7 @@ STAGE_FUNCTIONS = {
     "demo-prior": "standins:run_prior",
     "demo-base-vae": "standins:run_base_vae",
     "demo-teacher": "standins:run_teacher",
+    "demo-teacher-tune": "standins:run_teacher",
 }
 
 

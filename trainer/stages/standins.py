@@ -15,6 +15,9 @@ demo-teacher: a small SD3Transformer2DModel with one fixed random "prompt", trai
 4x SR in that latent space (z_lq - eps(z_lq) ~ z_target, plus image L1, LPIPS and GAN through the
 frozen VAE decoder; the target is the photo or the prior's restoration), in place of TSD-SR. It
 writes a TSD-SR pipeline folder, which the real chain then uses as its teacher exactly as it would use the converted TSD-SR release.
+demo-teacher-tune: that teacher fine-tuned through its decoded images (ST-LPIPS to the prior's, each less its local
+grid, the grids held to each other, and the steps across latent cells held to the target's): the regression's
+blocks halved at the same ST-LPIPS, and its student sharper (README).
 """
 
 import os
@@ -29,12 +32,12 @@ from tinysr.imageio import load_image, to_pil
 from tinysr.latent_cache import paired_images
 from tinysr.models import PatchAutoencoder
 from tinysr.pipelines import TSDSRPipeline
-from tinysr.pipelines.base import VAE_CLASSES, vae_decode, vae_encode
+from tinysr.pipelines.base import VAE_CLASSES, vae_decode, vae_downscale, vae_encode
 from tinysr.weights import load_component
 
 from ..common import final_dir, require, stage_pairs
 from ..config import FINAL
-from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
+from ..losses import cell_step_excess, discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun, stage_dir
 
 SCALING_BATCHES = 8
@@ -177,23 +180,30 @@ def fixed_condition(cfg, transformer) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_teacher(cfg, stage: str, resume: str | None = None):
+    """demo-teacher from the identity; demo-teacher-tune from demo-teacher's output (its image terms are what change)."""
     run = TrainingRun(cfg, stage, resume)
     s = run.scfg
-    vae = load_component(require(final_dir(cfg, "demo-base-vae"), "demo-base-vae"), "vae", VAE_CLASSES, torch.float32)
-    vae.to(run.device).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    transformer = SD3Transformer2DModel(**OmegaConf.to_container(cfg.standins.transformer))
-    # start as the identity (z_lq - 0): training then only learns the restoration, as TSD-SR starts
-    # from a model that already knows images rather than from noise
-    torch.nn.init.zeros_(transformer.proj_out.weight)
-    torch.nn.init.zeros_(transformer.proj_out.bias)
-    prompt, pooled = fixed_condition(cfg, transformer)
-    # the pipeline is the training graph too: its `predict` is what inference will run (then less its token
-    # pattern when remove_token_pattern is set)
-    pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device, remove_token_pattern=cfg.remove_token_pattern)
+    tune = stage == "demo-teacher-tune"
+    if tune:
+        pipe = TSDSRPipeline.from_pretrained(require(final_dir(cfg, "demo-teacher"), "demo-teacher"), device=run.device)
+        pipe.remove_token_pattern = cfg.remove_token_pattern
+        transformer, vae = pipe.transformer, pipe.vae
+    else:
+        vae = load_component(require(final_dir(cfg, "demo-base-vae"), "demo-base-vae"), "vae", VAE_CLASSES, torch.float32)
+        vae.to(run.device).eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed)
+        transformer = SD3Transformer2DModel(**OmegaConf.to_container(cfg.standins.transformer))
+        # start as the identity (z_lq - 0): training then only learns the restoration, as TSD-SR starts
+        # from a model that already knows images rather than from noise
+        torch.nn.init.zeros_(transformer.proj_out.weight)
+        torch.nn.init.zeros_(transformer.proj_out.bias)
+        prompt, pooled = fixed_condition(cfg, transformer)
+        # the pipeline is the training graph too: its `predict` is what inference will run (then less its token
+        # pattern when remove_token_pattern is set)
+        pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device, remove_token_pattern=cfg.remove_token_pattern)
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
     target = "prior" if cfg.standins.target == "realesrgan" else "gt"
-    with_images = s.w_lpips > 0 or s.w_gan > 0 or s.w_image_l1 > 0
+    with_images = s.w_lpips > 0 or s.w_gan > 0 or s.w_image_l1 > 0 or s.w_lattice_l1 > 0 or s.w_cell_steps > 0
     data = EncodedPairs(stage_pairs(cfg, s, prior=target == "prior"), vae, target, with_images, run.device, dihedral=s.dihedral)
     params = list(transformer.parameters())
     opt, schedule = run.optimizer(params)
@@ -206,13 +216,18 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
         batch = run.batch(data, step)
         z_lq, z_target = batch["z_lq"] * scale, batch["z_target"] * scale
         with run.accelerator.accumulate(model):
-            z = z_lq - pipe.predict(z_lq)
+            eps = pipe.predict(z_lq)
+            # the fine-tune's image terms judge the image inference makes, so it trains through the token-pattern removal
+            z = z_lq - (pipe.without_token_pattern(eps) if tune else eps)
             l1 = F.l1_loss(z.float(), z_target.float())
             # the identity's L1 on the same batch: batches differ so much that l1 alone hides progress
             loss, logs = s.w_l1 * l1, {"l1": l1.item(), "identity_l1": F.l1_loss(z_lq, z_target).item()}
-            if lpips is not None or disc is not None or s.w_image_l1 > 0:
+            if with_images:
                 image = vae_decode(vae, z / scale)
                 loss = loss + image_losses(image, batch["image"], s, lpips, disc, logs)
+                if s.w_cell_steps > 0:
+                    steps = cell_step_excess(image, batch["image"], vae_downscale(vae))
+                    loss, logs["cell_steps"] = loss + s.w_cell_steps * steps, steps.item()
                 if s.w_image_l1 > 0:
                     image_l1 = F.l1_loss(image.float(), batch["image"].float())
                     loss, logs["image_l1"] = loss + s.w_image_l1 * image_l1, image_l1.item()
