@@ -119,7 +119,8 @@ PROVENANCE = (
     "2-core CPU, with AMX: 32.9 min of training) reproduced the regression teacher's files bit for bit. The tiny VAE "
     "comes from a later run on that teacher (`--from vae-encoder`, a 2-core AMD Zen 5, 6.4 min); the teacher's "
     "fine-tune and the student from a later one still (`--from demo-teacher-tune`, the same CPU kind: the fine-tune, "
-    "cache, pruning, distillation and decoder-tune, 15.3 min). On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
+    "cache, pruning, distillation and decoder-tune, 15.0 min); the same command rerun as `--name s40r` gave every "
+    "published tensor bit for bit. On one CPU reruns give identical logs. Across CPUs the tiny VAE's GAN-trained "
     "decoder diverged from the fifth digit of its losses: a student retrained on another CPU differed by up to "
     "0.017 in a transformer weight and 1.21 in a VAE weight, at the same quality."
 )
