@@ -121,8 +121,8 @@ class StageConfig:
     w_lpips: float = 0.0
     w_gan: float = 0.0
     w_kl: float = 0.0
-    w_image_l1: float = 0.0  # demo-teacher: L1 of the decoded image to its target, beside w_l1 on latents
-    dihedral: bool = False  # demo-teacher: every pair also in its 7 other flips and quarter turns (input and target alike)
+    w_image_l1: float = 0.0  # demo-teacher(-tune): L1 of the decoded image to its target, beside w_l1 on latents
+    dihedral: bool = False  # demo-teacher(-tune): every pair also in its 7 other flips and quarter turns (input and target alike)
     perceptual: str = "stlpips"  # stlpips | lpips-vgg | lpips-alex
     lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.lattice_pattern)
     lattice_window: int = 0  # with lattice_period: that pattern averaged over this many cells around each (odd), 0: the whole crop

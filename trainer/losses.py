@@ -135,7 +135,7 @@ def image_losses(image, gt, s, lpips: nn.Module | None, disc: nn.Module | None, 
     (seen in the demo run: -3e8 after 200 vae-decoder steps)."""
     loss = 0.0
     pred, target = image.float(), gt.float()
-    if s.lattice_period:
+    if s.lattice_period and (lpips is not None or s.w_lattice_l1):
         pred_grid, target_grid = (lattice_pattern(x, s.lattice_period, s.lattice_window) for x in (pred, target))
         pred, target = pred - pred_grid, target - target_grid
         if s.w_lattice_l1:

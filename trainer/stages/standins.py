@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from tinysr.imageio import load_image, to_pil
 from tinysr.latent_cache import paired_images
+from tinysr.lattice import without_lattice
 from tinysr.models import PatchAutoencoder
 from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import VAE_CLASSES, vae_decode, vae_downscale, vae_encode
@@ -212,13 +213,15 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
     pipe.transformer = model
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     scale = vae.config.scaling_factor
+    # the fine-tune's image terms judge the image inference makes, so it trains through the token-pattern removal
+    # (the patch size read here: a DDP-wrapped transformer has no config)
+    token_pattern = transformer.config.patch_size if tune and cfg.remove_token_pattern else 0
     for step in run.steps():
         batch = run.batch(data, step)
         z_lq, z_target = batch["z_lq"] * scale, batch["z_target"] * scale
         with run.accelerator.accumulate(model):
             eps = pipe.predict(z_lq)
-            # the fine-tune's image terms judge the image inference makes, so it trains through the token-pattern removal
-            z = z_lq - (pipe.without_token_pattern(eps) if tune else eps)
+            z = z_lq - (without_lattice(eps.float(), token_pattern).to(eps.dtype) if token_pattern else eps)
             l1 = F.l1_loss(z.float(), z_target.float())
             # the identity's L1 on the same batch: batches differ so much that l1 alone hides progress
             loss, logs = s.w_l1 * l1, {"l1": l1.item(), "identity_l1": F.l1_loss(z_lq, z_target).item()}
