@@ -112,7 +112,8 @@ def main() -> int:
     parser.add_argument("--name", help="run name: stages write runs/NAME/STAGE (default: the config's name)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the fp16 teacher and student are published")
     args = parser.parse_args()
-    args.name = args.name or load_config(ROOT / args.config).name
+    cfg = load_config(ROOT / args.config)
+    args.name = args.name or cfg.name
     run, weights = RUNS / args.name, args.weights.resolve()
     timings_path = run / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() and args.start != names[0] else {}
@@ -124,7 +125,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         if name == "publish-teacher":
-            publish(run / teacher_stage(load_config(ROOT / args.config)) / "final", weights / "tsdsr-demo")
+            publish(run / teacher_stage(cfg) / "final", weights / "tsdsr-demo")
         elif name == "publish-student":
             publish(run / "export", weights / "tinysr-demo")
         else:

@@ -55,6 +55,7 @@ def final_dir(cfg, stage: str) -> Path:
 def upstream_stages(cfg, stage: str) -> list[str]:
     """The earlier stages whose final output `stage` reads (the chain's order: CHAIN)."""
     decoder = ["vae-decoder"]
+    prior = ["demo-prior"] if cfg.standins.target == "realesrgan" else []
     return {
         "vae-decoder": ["vae-encoder"],
         "prune-search": decoder,
@@ -64,8 +65,8 @@ def upstream_stages(cfg, stage: str) -> list[str]:
         "distill-2": ["prune-export", "distill-1", *decoder],
         "decoder-tune": ["distill-2", *decoder],
         "export": ["distill-2", tiny_vae_stage(cfg)],
-        "demo-teacher": ["demo-base-vae"] + (["demo-prior"] if cfg.standins.target == "realesrgan" else []),
-        "demo-teacher-tune": ["demo-teacher"] + (["demo-prior"] if cfg.standins.target == "realesrgan" else []),
+        "demo-teacher": ["demo-base-vae", *prior],
+        "demo-teacher-tune": ["demo-teacher", *prior],
     }.get(stage, [])
 
 
