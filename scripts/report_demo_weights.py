@@ -35,7 +35,7 @@ from tinysr.bench import device_label, format_table, run_benchmark  # noqa: E402
 from tinysr.device import reuse_freed_memory  # noqa: E402
 from tinysr.evaluate import evaluate_folders, pair_files, quality_table, read_rgb, upscale_folder  # noqa: E402
 from tinysr.imageio import list_images  # noqa: E402
-from tinysr.metrics import METRICS, MetricSuite, lattice_score, missing_files  # noqa: E402
+from tinysr.metrics import METRICS, MetricSuite, blockiness, lattice_score, missing_files  # noqa: E402
 from tinysr.pipelines import load_pipeline  # noqa: E402
 from trainer.config import chain_stages, load_config  # noqa: E402
 
@@ -96,6 +96,7 @@ def measure(sets: list[str], models: list[str], first: int = 0) -> dict:
             scores["st_lpips_vgg"] = st_lpips(pred, gt, "vgg")
             outputs = [read_rgb(p)[0] for _, p, _ in pair_files(pred, gt)]
             scores["lattice"] = sum(map(lattice_score, outputs)) / len(outputs)
+            scores["blockiness"] = sum(map(blockiness, outputs)) / len(outputs)
             scores["s_per_image"] = timing["wall_s"] / timing["images"]
             scores["images"] = timing["images"]
             results.setdefault(set_name, {})[model] = scores

@@ -686,11 +686,11 @@ def test_about_and_benchmark_show_what_the_bundled_weights_scored(tmp_path, monk
     import json
 
     metrics = {"synthetic": {"bicubic": {"psnr": 21.919, "ssim": 0.5591, "niqe": 9.97, "st_lpips": 0.5471},
-                             "tinysr": {"psnr": 21.5, "ssim": 0.56, "niqe": 8.0, "st_lpips": 0.4987, "st_lpips_vgg": 0.4123, "lattice": 1.234}}}
+                             "tinysr": {"psnr": 21.5, "ssim": 0.56, "niqe": 8.0, "st_lpips": 0.4987, "st_lpips_vgg": 0.4123, "lattice": 1.234, "blockiness": 0.93}}}
     (tmp_path / "demo_metrics.json").write_text(json.dumps({"metrics": metrics}))
     monkeypatch.setattr(about, "DEMO_METRICS", tmp_path / "demo_metrics.json")
     text = about.about_markdown()
-    assert "| Bicubic | 21.92 | 0.5591 | 0.5471 | - | 9.970 | - |" in text
-    assert "| TinySR (demo scale, bundled) | 21.50 | 0.5600 | 0.4987 | 0.4123 | 8.000 | 1.23 |" in text
+    assert "| Bicubic | 21.92 | 0.5591 | 0.5471 | - | 9.970 | - | - |" in text
+    assert "| TinySR (demo scale, bundled) | 21.50 | 0.5600 | 0.4987 | 0.4123 | 8.000 | 1.23 | 0.93 |" in text
     monkeypatch.setattr(about, "DEMO_METRICS", tmp_path / "absent.json")
     assert "absent.json is missing" in about.demo_quality_markdown()

@@ -140,3 +140,21 @@ def test_lattice_score_is_about_one_on_photos_and_high_on_a_grid(period):
     assert lattice_score(dotted) > 3
     with pytest.raises(ValueError, match="32x32"):
         lattice_score(photo[:, :20, :20])
+
+
+@needs_data
+def test_blockiness_is_about_one_on_photos_and_high_when_edges_step_by_cells():
+    """Blocks that change from cell to cell (a patch decoder's errors) leave the lattice score low; this sees them."""
+    import torch.nn.functional as F
+
+    from tinysr.imageio import load_image
+    from tinysr.metrics import blockiness
+
+    photo = load_image(DATA / "RealSRVal_crop128" / "test_HR" / "Canon_001_LR4.png").rgb[:, :256, :256]
+    assert 0.9 < blockiness(photo) < 1.15
+    cells = F.interpolate(F.avg_pool2d(photo[None], 4), scale_factor=4, mode="nearest")[0]
+    blocky = (photo + cells) / 2
+    assert blockiness(blocky) > 1.5
+    assert blockiness(blocky.roll(2, dims=-1)) < blockiness(blocky)  # blocks off the 4-px grid are not the decoder's
+    with pytest.raises(ValueError, match="8x8"):
+        blockiness(photo[:, :6, :6])

@@ -104,11 +104,12 @@ def quality_table(metrics: dict[str, dict[str, dict]], labels: dict[str, str] | 
     for set_name, rows in metrics.items():
         used = counts.get(set_name) or (f"{n} images" if (n := next(iter(rows.values()), {}).get("images")) else "")
         size = f" ({used}, 4x)" if used else ""
-        lines += [f"\n**{set_name}**{size}\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"\n**{set_name}**{size}\n", "| model | PSNR ↑ | SSIM ↑ | ST-LPIPS ↓ | ST-LPIPS (VGG) ↓ | NIQE ↓ | lattice (photos ~1.1) | blocks (photos ~1.0) |", "|---|---|---|---|---|---|---|---|"]
         for model, s in rows.items():
             lattice = f"{s['lattice']:.2f}" if "lattice" in s else "-"
+            blocks = f"{s['blockiness']:.2f}" if "blockiness" in s else "-"
             vgg = f"{s['st_lpips_vgg']:.4f}" if "st_lpips_vgg" in s else "-"
-            lines.append(f"| {labels.get(model, model)} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {vgg} | {s['niqe']:.3f} | {lattice} |")
+            lines.append(f"| {labels.get(model, model)} | {s['psnr']:.2f} | {s['ssim']:.4f} | {s['st_lpips']:.4f} | {vgg} | {s['niqe']:.3f} | {lattice} | {blocks} |")
     return "\n".join(lines)
 
 
