@@ -168,7 +168,7 @@ def blockiness(image: torch.Tensor, cell: int = 4) -> float:
     """How much more luminance steps across the boundaries of `cell`-px cells than inside them: about 1.0 for photos.
 
     A decoder that draws latent errors cell by cell (the demo teacher's patch VAE, 4 px) steps edges in blocks the
-    lattice score does not see, since blocks that differ from cell to cell put no energy at the lattice frequencies.
+    lattice score does not see: blocks that differ from cell to cell put little of their energy at the lattice frequencies.
     Both axes: mean |step| between columns (rows) c*k - 1 and c*k over the mean |step| between the others.
     """
     rgb = image.float()
