@@ -139,6 +139,11 @@ class MetricSuite:
         return float(metric(str(pred_dir), str(gt_dir), num_workers=0))
 
 
+def luminance(rgb: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) -> (H, W), BT.601 weights: what the artefact scores below look at."""
+    return (torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype).view(3, 1, 1) * rgb[:3]).sum(0)
+
+
 def lattice_score(image: torch.Tensor, periods: tuple[int, ...] = (16, 8, 4), size: int = 512) -> float:
     """How strongly a periodic grid (patch-wise decoding, unpatchify) stands out: about 1.1 for photos.
 
@@ -152,7 +157,7 @@ def lattice_score(image: torch.Tensor, periods: tuple[int, ...] = (16, 8, 4), si
     if n < 32:
         raise ValueError(f"lattice_score needs at least 32x32 pixels, got {tuple(rgb.shape[-2:])}")
     top, left = (rgb.shape[-2] - n) // 2, (rgb.shape[-1] - n) // 2
-    y = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * rgb[:, top : top + n, left : left + n]).sum(0)
+    y = luminance(rgb[:, top : top + n, left : left + n])
     window = torch.hann_window(n, periodic=False, dtype=torch.float64)
     spectrum = torch.fft.fft2((y.double() - y.double().mean()) * torch.outer(window, window)).abs()
     lattice = {(u, v) for p in periods for u in range(0, n, n // p) for v in range(0, n, n // p)} - {(0, 0)}
@@ -174,7 +179,7 @@ def blockiness(image: torch.Tensor, cell: int = 4) -> float:
     rgb = image.float()
     if min(rgb.shape[-2:]) < 2 * cell:
         raise ValueError(f"blockiness needs at least {2 * cell}x{2 * cell} pixels, got {tuple(rgb.shape[-2:])}")
-    y = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * rgb[:3]).sum(0).double()
+    y = luminance(rgb).double()
     ratios = []
     for plane in (y, y.T):
         steps = (plane[:, 1:] - plane[:, :-1]).abs()
