@@ -1,12 +1,12 @@
 """Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 42 min on 2-core CPUs).
 
 Photos from Debian packages -> degraded pairs -> Real-ESRGAN x4plus's restorations of them (the
-demo's pretrained prior, computed once) -> stand-in base VAE and teacher (regression, then a fine-tune through its images) -> the paper's chain
+demo's pretrained prior, computed once) -> stand-in base VAE and teacher (regression, a fine-tune through its images, a pixel refiner for its decoder) -> the paper's chain
 (tiny VAE, cache, pruning search, export, distill-1, distill-2, then decoder-tune, export) with
 trainer/configs/demo-realesrgan.yaml, then the teacher and student are written in fp16 to
 assets/weights/. `--config trainer/configs/demo.yaml` trains the earlier stand-ins instead (no
 prior: the teacher learns the photos from scratch), kept for comparison. Every step is a separate
-command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint).
+command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint), `--until STEP` stops after it.
 `--name repro --weights runs/repro-weights` retrains into other folders and then prints how far each
 retrained tensor file is from the bundled one.
 `scripts/report_demo_weights.py` then measures them and writes the model cards.
@@ -87,6 +87,8 @@ def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = 
         ("demo-teacher", [*trainer, "demo-teacher", *cfg]),
         *([("demo-teacher-tune", [*trainer, "demo-teacher-tune", *cfg])] if "demo-teacher-tune" in loaded.stages else []),
         ("publish-teacher", None),
+        # reads the published teacher and publishes it again with its pixel refiner (the student never decodes through it)
+        *([("demo-teacher-decoder", [*trainer, "demo-teacher-decoder", *cfg]), ("publish-teacher-decoder", None)] if "demo-teacher-decoder" in loaded.stages else []),
         *[(stage, [*trainer, stage, *cfg]) for stage in chain_stages(loaded)],
         ("publish-student", None),
     ]
@@ -109,6 +111,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=CONFIG, help="the chain's config (relative to the repository)")
     parser.add_argument("--from", dest="start", choices=names, default=names[0])
+    parser.add_argument("--until", choices=names, help="stop after this step (e.g. --from demo-teacher-decoder --until publish-teacher-decoder)")
     parser.add_argument("--name", help="run name: stages write runs/NAME/STAGE (default: the config's name)")
     parser.add_argument("--weights", type=Path, default=WEIGHTS, help="where the fp16 teacher and student are published")
     args = parser.parse_args()
@@ -119,13 +122,19 @@ def main() -> int:
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() and args.start != names[0] else {}
     chain = steps(args.name, weights, args.config)
     chain_names = [name for name, _ in chain]
-    if args.start not in chain_names:
-        parser.error(f"--from {args.start}: {args.config} has no such step")
-    for name, command in chain[chain_names.index(args.start) :]:
+    for option, step in (("--from", args.start), ("--until", args.until)):
+        if step and step not in chain_names:
+            parser.error(f"{option} {step}: {args.config} has no such step")
+    last = chain_names.index(args.until) if args.until else len(chain) - 1
+    if last < chain_names.index(args.start):
+        parser.error(f"--until {args.until} comes before --from {args.start}")
+    for name, command in chain[chain_names.index(args.start) : last + 1]:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
         if name == "publish-teacher":
             publish(run / teacher_stage(cfg) / "final", weights / "tsdsr-demo")
+        elif name == "publish-teacher-decoder":
+            publish(run / "demo-teacher-decoder" / "final", weights / "tsdsr-demo")
         elif name == "publish-student":
             publish(run / "export", weights / "tinysr-demo")
         else:

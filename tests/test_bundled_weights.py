@@ -108,8 +108,10 @@ def test_the_retraining_script_runs_the_prior_only_for_a_config_that_uses_it():
     prior = [name for name, _ in steps(name="x", config="trainer/configs/demo-realesrgan.yaml")]
     assert "demo-prior" not in plain
     assert prior.index("pairs") < prior.index("demo-prior") < prior.index("demo-base-vae")
-    assert prior.index("demo-teacher") < prior.index("demo-teacher-tune") < prior.index("publish-teacher")  # the tuned teacher ships
-    assert "demo-teacher-tune" not in plain
+    # the tuned teacher is published, then again with its pixel refiner, before the chain distils from it
+    assert prior.index("demo-teacher") < prior.index("demo-teacher-tune") < prior.index("publish-teacher") < prior.index("demo-teacher-decoder")
+    assert prior.index("demo-teacher-decoder") < prior.index("publish-teacher-decoder") < prior.index("vae-encoder")
+    assert "demo-teacher-tune" not in plain and "demo-teacher-decoder" not in plain
     command = dict(steps(name="x", config="trainer/configs/demo-realesrgan.yaml"))["demo-teacher"]
     assert "trainer/configs/demo-realesrgan.yaml" in command and "name=x" in command
 

@@ -421,6 +421,46 @@ def test_demo_teacher_tune_starts_from_the_teacher_and_trains_through_its_images
             check(load_config(cfg, [f"stages.demo-teacher-tune.{bad}"]), ["demo-teacher-tune"])
 
 
+def test_demo_teacher_decoder_trains_a_pixel_refiner_alone_after_the_teachers_decoder(workspace, capsys):
+    """demo-teacher-decoder: the published teacher unchanged but for a PixelRefiner after its VAE's synthesis, trained
+    alone on the teacher's own predictions with the image terms (L1, LPIPS less the local grid, cell steps)."""
+    cfg = str(workspace / "tiny.yaml")
+    run = workspace / "runs" / "pixel"
+    extra = ["name=pixel", "remove_token_pattern=true", f"teacher={run / 'demo-teacher' / 'final'}"]
+    train_standins(cfg, "PatchAutoencoder", {**TINY_PATCH, "lapped": True}, 4, {"w_l1": 1.0}, {"w_l1": 1.0}, extra)
+    vae_config = run / "demo-teacher" / "final" / "vae" / "config.json"  # as published before PixelRefiner existed (the bundled one)
+    vae_config.write_text(json.dumps({k: v for k, v in json.loads(vae_config.read_text()).items() if not k.startswith("pixel_")}))
+    stage = {"lr": 1e-3, "steps": 3, "batch_size": 2, "log_every": 1, "overfit_batch": True, "w_l1": 1.0, "w_lpips": 1.0,
+             "lattice_period": 16, "lattice_window": 3, "w_lattice_l1": 10.0, "w_cell_steps": 5.0, "pixel_channels": 4}
+    args = ["--config", cfg, *extra, f"stages.demo-teacher-decoder={json.dumps(stage)}"]
+    assert trainer_main(["demo-teacher-decoder", *args]) == 0
+    rows = log_rows(workspace, "demo-teacher-decoder", "pixel")
+    assert len(rows) == 3 and all({"l1", "lpips", "lattice_l1", "cell_steps"} <= r.keys() for r in rows)
+    teacher = TSDSRPipeline.from_pretrained(run / "demo-teacher" / "final")
+    refined = TSDSRPipeline.from_pretrained(run / "demo-teacher-decoder" / "final")
+    assert refined.remove_token_pattern and torch.equal(refined.prompt_embeds, teacher.prompt_embeds)
+    assert all(torch.equal(v, refined.transformer.state_dict()[k]) for k, v in teacher.transformer.state_dict().items())
+    vae = refined.vae.state_dict()
+    assert all(torch.equal(v, vae[k]) for k, v in teacher.vae.state_dict().items())
+    assert {k for k in vae if k not in teacher.vae.state_dict()} == {k for k in vae if k.startswith("decoder.pixel.")}
+    assert refined.vae.config.pixel_channels == 4 and refined.vae.decoder.pixel.conv_out.weight.abs().max() > 0  # it trained
+    z = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(refined.vae.decoder.synthesize(z), teacher.vae.decode(z))
+        assert not torch.equal(refined.vae.decode(z), teacher.vae.decode(z))
+    assert refined(random_image(16, 16)).image.shape == (3, 64, 64)
+    # a teacher that already has a refiner gets a new one in its place
+    again = ["demo-teacher-decoder", *args, "name=pixel-again", f"teacher={run / 'demo-teacher-decoder' / 'final'}", "stages.demo-teacher-decoder.pixel_channels=6"]
+    assert trainer_main(again) == 0
+    vae = TSDSRPipeline.from_pretrained(workspace / "runs" / "pixel-again" / "demo-teacher-decoder" / "final").vae
+    assert vae.decoder.pixel.conv_in.out_channels == 6 and torch.equal(vae.decoder.synthesis.weight, teacher.vae.decoder.synthesis.weight)
+    capsys.readouterr()
+    assert trainer_main(["demo-teacher-decoder", "--config", cfg, "name=pixel-kl", f"stages.demo-teacher-decoder={json.dumps(stage)}"]) == 2
+    assert "adds a pixel refiner to a teacher whose VAE is a PatchAutoencoder (this teacher's: AutoencoderKL)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="pixel_channels must be >= 1"):
+        check(load_config(cfg, ["stages.demo-teacher-decoder={}", "stages.demo-teacher-decoder.pixel_channels=0"]), ["demo-teacher-decoder"])
+
+
 def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, capsys):
     """tiny_vae_class PatchAutoencoder: the demo teacher's VAE with narrower refiners, from its linear maps and scale."""
     torch.manual_seed(0)
@@ -542,3 +582,18 @@ def test_paper_configs_and_their_pruning_ratios(name, kept, tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_switched_decoder_takes_its_modes_on_a_vae_saved_before_they_were_config_keys(tmp_path):
+    """decoder-tune's upsample/padding switch on a tiny VAE whose config.json lacks those keys (diffusers would keep
+    the defaults it filled in on loading)."""
+    from tinysr.models import TinyAutoencoder
+    from trainer.stages.vae import switched_decoder
+
+    TinyAutoencoder(channels=8, num_stages=2, blocks_per_stage=1).save_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k not in ("upsample_mode", "padding_mode")}))
+    vae = TinyAutoencoder.from_pretrained(tmp_path)
+    switched = switched_decoder(vae, {"upsample_mode": "bilinear", "padding_mode": ""})
+    assert switched.config.upsample_mode == "bilinear" and switched.config.padding_mode == vae.config.padding_mode
+    assert all(torch.equal(v, switched.state_dict()[k]) for k, v in vae.state_dict().items())

@@ -94,6 +94,13 @@ def load_tiny_vae(cfg, stage: str = "vae-decoder", teacher=None):
     return vae
 
 
+def rebuilt(model, **changes):
+    """A new model of the model's class from its config with `changes` (weights not copied). diffusers' `from_config`
+    would drop changes to keys the loaded config.json lacked (it lists them in `_use_default_values`)."""
+    config = {key: value for key, value in model.config.items() if key != "_use_default_values"}
+    return type(model).from_config({**config, **changes})
+
+
 def new_tiny_vae(cfg, e_pre, scaling_factor: float):
     """A fresh tiny VAE in the teacher's latent space, starting from E_pre's tensors wherever name and shape agree.
 

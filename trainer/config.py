@@ -18,7 +18,7 @@ from tinysr.models.autoencoder_tiny import ENCODER_TYPES, UPSAMPLE_MODES
 STAGES = (
     "vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export",
     "prune-shortgpt", "prune-tinyfusion", "token-prune", "demo-prior", "demo-base-vae", "demo-teacher", "demo-teacher-tune",
-    "decoder-tune",
+    "demo-teacher-decoder", "decoder-tune",
 )
 CHAIN = ("vae-encoder", "vae-decoder", "cache", "prune-search", "prune-export", "distill-1", "distill-2", "export")
 
@@ -37,7 +37,7 @@ def tiny_vae_stage(cfg) -> str:
 
 
 def teacher_stage(cfg) -> str:
-    """The stage whose demo teacher ships."""
+    """The stage whose demo teacher the chain distils from (demo-teacher-decoder then changes only its decoder)."""
     return "demo-teacher-tune" if "demo-teacher-tune" in cfg.stages else "demo-teacher"
 
 
@@ -67,6 +67,7 @@ def upstream_stages(cfg, stage: str) -> list[str]:
         "export": ["distill-2", tiny_vae_stage(cfg)],
         "demo-teacher": ["demo-base-vae", *prior],
         "demo-teacher-tune": ["demo-teacher", *prior],
+        "demo-teacher-decoder": prior,
     }.get(stage, [])
 
 
@@ -128,7 +129,7 @@ class StageConfig:
     lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.lattice_pattern)
     lattice_window: int = 0  # with lattice_period: that pattern averaged over this many cells around each (odd), 0: the whole crop
     w_lattice_l1: float = 0.0  # with lattice_period: L1 between the image's and the target's pattern
-    w_cell_steps: float = 0.0  # demo-teacher(-tune): excess of the image's steps across latent cells over the target's (losses.cell_step_excess)
+    w_cell_steps: float = 0.0  # demo-teacher(-tune, -decoder), decoder-tune: excess of the image's steps across latent cells over the target's (losses.cell_step_excess)
     teacher_lattice_period: int = 0  # distill: > 0 takes each crop's mean pattern of this period (latent px) out of the teacher's latents
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
@@ -136,6 +137,9 @@ class StageConfig:
     # decoder-tune: the tiny VAE's decoder switched to these first (no weights change; empty: as vae-decoder trained it)
     upsample_mode: str = ""
     padding_mode: str = ""
+    # demo-teacher-decoder: the PixelRefiner it adds to the teacher's PatchAutoencoder (tinysr.models.autoencoder_patch)
+    pixel_channels: int = 32
+    pixel_blocks: int = 1
     # pruning search (TinyFusion-style)
     keep_per_group: int = 2
     group_size: int = 4
@@ -300,6 +304,10 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
     for stage, part in (("demo-base-vae", "vae"), ("demo-teacher", "transformer")):
         if stage in stages and not cfg.standins[part]:
             raise ConfigError(f"{stage} needs `standins.{part}` (the diffusers config of the stand-in model)")
+    if "demo-teacher-decoder" in stages:
+        s = cfg.stages["demo-teacher-decoder"]
+        if s.pixel_channels < 1 or s.pixel_blocks < 0:
+            raise ConfigError(f"stages.demo-teacher-decoder: pixel_channels must be >= 1 and pixel_blocks >= 0, got {s.pixel_channels} and {s.pixel_blocks}")
     if cfg.standins.target not in ("gt", "realesrgan"):
         raise ConfigError(f"standins.target must be gt or realesrgan, got {cfg.standins.target!r}")
     if "demo-base-vae" in stages:

@@ -10,6 +10,9 @@ smooth areas (lattice score 1.85 after a round trip of bicubic-upscaled inputs, 
 kernels may overlap their neighbours (they start as the patch decoder): 1.34 at 38.6 dB (the patch
 decoder: 37.9 dB) after 600 CPU steps. A TAESD-shaped convolutional decoder from scratch reached 1.22
 but only 24.7 dB in 1000 steps; the least-squares optimal overlapping kernels alone made it worse (1.93).
+`pixel_channels` adds a residual refiner at pixel resolution, after the synthesis: the lapped decoder still
+draws each latent's error as a 4-px block on a teacher's predictions (blockiness 1.26, photos 1.0), which
+that refiner, trained alone on those predictions (demo-teacher-decoder), smooths away.
 """
 
 import torch
@@ -40,6 +43,16 @@ class Refiner(nn.Module):
         return self.conv_out(h)
 
 
+class PixelRefiner(Refiner):
+    """x + a Refiner of x (3 channels in and out): the identity until it trains."""
+
+    def __init__(self, channels: int, blocks: int):
+        super().__init__(3, channels, 3, blocks)
+
+    def forward(self, x):
+        return x + super().forward(x)
+
+
 class PatchEncoder(nn.Module):
     """patch_size x patch_size patches (pixel_unshuffle) -> linear map + refiner -> latent."""
 
@@ -56,9 +69,10 @@ class PatchEncoder(nn.Module):
 
 
 class PatchDecoder(nn.Module):
-    """latent -> linear map + refiner -> patches; `lapped`: refiner in latent space, then overlapping 8x8 kernels."""
+    """latent -> linear map + refiner -> patches; `lapped`: refiner in latent space, then overlapping 8x8 kernels;
+    then a PixelRefiner where `pixel_channels` > 0."""
 
-    def __init__(self, latent_channels: int, patch_size: int, channels: int, blocks: int, lapped: bool):
+    def __init__(self, latent_channels: int, patch_size: int, channels: int, blocks: int, lapped: bool, pixel_channels: int, pixel_blocks: int):
         super().__init__()
         self.patch_size, self.lapped = patch_size, lapped
         if lapped:
@@ -68,11 +82,17 @@ class PatchDecoder(nn.Module):
             patch = 3 * patch_size**2
             self.linear = nn.Conv2d(latent_channels, patch, 1)
             self.refiner = Refiner(latent_channels, channels, patch, blocks)
+        self.pixel = PixelRefiner(pixel_channels, pixel_blocks) if pixel_channels else None
 
-    def forward(self, latent):
+    def synthesize(self, latent):
+        """The image before the pixel refiner."""
         if self.lapped:
             return self.synthesis(latent + self.refiner(latent))
         return F.pixel_shuffle(self.linear(latent) + self.refiner(latent), self.patch_size)
+
+    def forward(self, latent):
+        image = self.synthesize(latent)
+        return image if self.pixel is None else self.pixel(image)
 
 
 class PatchAutoencoder(ModelMixin, ConfigMixin):
@@ -87,10 +107,12 @@ class PatchAutoencoder(ModelMixin, ConfigMixin):
         blocks: int = 2,
         scaling_factor: float = 1.0,
         lapped: bool = False,
+        pixel_channels: int = 0,
+        pixel_blocks: int = 1,
     ):
         super().__init__()
         self.encoder = PatchEncoder(latent_channels, patch_size, channels, blocks)
-        self.decoder = PatchDecoder(latent_channels, patch_size, channels, blocks, lapped)
+        self.decoder = PatchDecoder(latent_channels, patch_size, channels, blocks, lapped, pixel_channels, pixel_blocks)
 
     @property
     def downscale(self) -> int:

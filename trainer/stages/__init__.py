@@ -19,6 +19,7 @@ STAGE_FUNCTIONS = {
     "demo-base-vae": "standins:run_base_vae",
     "demo-teacher": "standins:run_teacher",
     "demo-teacher-tune": "standins:run_teacher",
+    "demo-teacher-decoder": "standins:run_teacher_decoder",
 }
 
 

@@ -18,6 +18,10 @@ writes a TSD-SR pipeline folder, which the real chain then uses as its teacher e
 demo-teacher-tune: that teacher fine-tuned through its decoded images (ST-LPIPS to the prior's, each less its local
 grid, the grids held to each other, and the steps across latent cells held to the target's): the regression's
 blocks halved at the same ST-LPIPS, and its student sharper (README).
+demo-teacher-decoder: the published teacher's VAE given a PixelRefiner after its lapped synthesis, trained alone on
+the teacher's own predictions (the pipeline's latent path): the 4-px blocks the synthesis still draws from the
+predictions' errors (blockiness 1.26, photos 1.0) go. The student never decodes through the teacher's VAE, so the
+chain's stages give the same student before or after it.
 """
 
 import os
@@ -36,10 +40,11 @@ from tinysr.pipelines import TSDSRPipeline
 from tinysr.pipelines.base import VAE_CLASSES, vae_decode, vae_downscale, vae_encode
 from tinysr.weights import load_component
 
-from ..common import final_dir, require, stage_pairs
-from ..config import FINAL
+from ..common import final_dir, load_teacher, rebuilt, require, stage_pairs
+from ..config import FINAL, ConfigError
 from ..losses import cell_step_excess, discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun, stage_dir
+from .vae import train_decoder
 
 SCALING_BATCHES = 8
 PCA_BATCHES = 32
@@ -243,3 +248,35 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
         pipe.transformer = run.unwrap(model).eval()
         pipe.save_pretrained(run.dir / FINAL)
     return run.dir / FINAL
+
+
+def with_pixel_refiner(vae, channels: int, blocks: int) -> PatchAutoencoder:
+    """The same PatchAutoencoder, its decoder followed by a new PixelRefiner (the identity until it trains) in
+    place of any it had."""
+    if not isinstance(vae, PatchAutoencoder):
+        raise ConfigError(f"demo-teacher-decoder adds a pixel refiner to a teacher whose VAE is a PatchAutoencoder (this teacher's: {type(vae).__name__})")
+    refined = rebuilt(vae, pixel_channels=channels, pixel_blocks=blocks)
+    kept = {k: v for k, v in vae.state_dict().items() if not k.startswith("decoder.pixel.")}
+    refined.load_state_dict({**refined.state_dict(), **kept})
+    return refined
+
+
+def run_teacher_decoder(cfg, stage: str, resume: str | None = None):
+    """Reads the published teacher (`teacher`), as the chain's stages do, and writes it again with the refiner."""
+    run = TrainingRun(cfg, stage, resume)
+    s = run.scfg
+    pipe = load_teacher(cfg, run.device)
+    vae = with_pixel_refiner(pipe.vae, s.pixel_channels, s.pixel_blocks).to(run.device).eval().requires_grad_(False)
+    vae.decoder.pixel.train().requires_grad_(True)
+    target = "prior" if cfg.standins.target == "realesrgan" else "gt"
+
+    def synthesized(batch):  # the teacher's prediction as inference makes it, decoded up to the pixel refiner
+        z = pipe.encode_latents(batch["lq_up"], vae_tile_size=None)
+        return vae.decoder.synthesize((z - pipe.predict_tiled(z)) / vae.config.scaling_factor)
+
+    def save(folder):
+        pipe.vae = vae.eval()
+        pipe.save_pretrained(folder)
+
+    data = stage_pairs(cfg, s, prior=target == "prior")
+    return train_decoder(run, vae.decoder.pixel, data, synthesized, save, target=target, cell=vae_downscale(vae))

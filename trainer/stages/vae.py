@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tinysr.models import TinyAutoencoder
-from tinysr.pipelines.base import vae_encode
+from tinysr.pipelines.base import vae_downscale, vae_encode
 
-from ..common import load_distilled_student, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, stage_pairs
+from ..common import load_distilled_student, load_pretrained_vae, load_teacher, load_tiny_vae, new_tiny_vae, rebuilt, stage_pairs
 from ..config import FINAL
-from ..losses import discriminator_step, image_losses, make_gan, perceptual_loss
+from ..losses import cell_step_excess, discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun
 from .distill import student_latents
 
@@ -49,34 +48,42 @@ def run_vae_encoder(cfg, stage: str, resume: str | None = None):
     return run.dir / FINAL
 
 
-def train_decoder(run: TrainingRun, vae, data, latents) -> Path:
-    """The loop both decoder stages share: the decoder alone learns the photos (LPIPS, GAN and L1 as configured)
-    from `latents(batch)`, computed without gradients; the whole VAE is saved."""
+def train_decoder(run: TrainingRun, trained, data, decoder_input, save, target: str = "gt", cell: int = 0) -> Path:
+    """The loop the decoder stages share: `trained` (a decoder, or the part of one that trains) learns the batch's
+    `target` images (LPIPS, GAN, L1 and, with `cell` the latent cell in px, cell steps as configured) from
+    `decoder_input(batch)`, computed without gradients; then `save(folder)` on the main process."""
     s = run.scfg
-    params = list(vae.decoder.parameters())
+    params = list(trained.parameters())
     opt, schedule = run.optimizer(params)
     disc, disc_opt = make_gan(s, s.w_gan > 0)
-    decoder, opt, schedule, disc, disc_opt = run.prepare(vae.decoder, opt, schedule, disc, disc_opt)
+    model, opt, schedule, disc, disc_opt = run.prepare(trained, opt, schedule, disc, disc_opt)
     lpips = perceptual_loss(s.perceptual).to(run.device) if s.w_lpips > 0 else None
     for step in run.steps():
         batch = run.batch(data, step)
         with torch.no_grad():
-            z = latents(batch)
-        with run.accelerator.accumulate(decoder):
-            image = decoder(z)
+            x = decoder_input(batch)
+        with run.accelerator.accumulate(model):
+            image = model(x)
             logs = {}
-            loss = image_losses(image, batch["gt"], s, lpips, disc, logs)
+            loss = image_losses(image, batch[target], s, lpips, disc, logs)
             if s.w_l1 > 0:
-                l1 = F.l1_loss(image.float(), batch["gt"].float())
+                l1 = F.l1_loss(image.float(), batch[target].float())
                 loss, logs["l1"] = loss + s.w_l1 * l1, l1.item()
+            if s.w_cell_steps > 0:
+                excess = cell_step_excess(image, batch[target], cell)
+                loss, logs["cell_steps"] = loss + s.w_cell_steps * excess, excess.item()
             run.optimizer_step(loss, opt, params, schedule)
         if disc is not None:
-            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch["gt"], image)
+            logs["gan_d"] = discriminator_step(run.accelerator, disc, disc_opt, batch[target], image)
         run.log(step, loss=loss.detach().item(), lr=schedule.get_last_lr()[0], **logs)
     run.finish()
     if run.is_main:
-        vae.save_pretrained(run.dir / FINAL / "vae")
+        save(run.dir / FINAL)
     return run.dir / FINAL
+
+
+def saver(vae):
+    return lambda folder: vae.save_pretrained(folder / "vae")
 
 
 def run_vae_decoder(cfg, stage: str, resume: str | None = None):
@@ -85,7 +92,7 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
     vae = load_tiny_vae(cfg, "vae-encoder")
     vae.encoder.requires_grad_(False)
     source = "lq_up" if run.scfg.decoder_input == "lq" else "gt"
-    return train_decoder(run, vae, stage_pairs(cfg, run.scfg), lambda batch: vae_encode(e_pre, batch[source]))
+    return train_decoder(run, vae.decoder, stage_pairs(cfg, run.scfg), lambda batch: vae_encode(e_pre, batch[source]), saver(vae))
 
 
 def switched_decoder(vae, s):
@@ -93,7 +100,7 @@ def switched_decoder(vae, s):
     changes = {key: s[key] for key in ("upsample_mode", "padding_mode") if s[key] and s[key] != vae.config[key]}
     if not changes:
         return vae
-    switched = TinyAutoencoder.from_config({**vae.config, **changes})
+    switched = rebuilt(vae, **changes)
     switched.load_state_dict(vae.state_dict())
     return switched
 
@@ -107,4 +114,4 @@ def run_decoder_tune(cfg, stage: str, resume: str | None = None):
     def student_output(batch):  # the exported pipeline's latent path, unscaled for the decoder
         return student_latents(student, vae, batch["lq_up"], cfg.remove_token_pattern) / vae.config.scaling_factor
 
-    return train_decoder(run, vae, stage_pairs(cfg, run.scfg), student_output)
+    return train_decoder(run, vae.decoder, stage_pairs(cfg, run.scfg), student_output, saver(vae), cell=vae_downscale(vae))
