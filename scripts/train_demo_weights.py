@@ -1,4 +1,4 @@
-"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 42 min on 2-core CPUs).
+"""Reproduce the bundled demo-scale weights: `python scripts/train_demo_weights.py` (about 50 min on 2-core CPUs).
 
 Photos from Debian packages -> degraded pairs -> Real-ESRGAN x4plus's restorations of them (the
 demo's pretrained prior, computed once) -> stand-in base VAE and teacher (regression, a fine-tune through its images, a pixel refiner for its decoder) -> the paper's chain
