@@ -279,4 +279,4 @@ def run_teacher_decoder(cfg, stage: str, resume: str | None = None):
         pipe.save_pretrained(folder)
 
     data = stage_pairs(cfg, s, prior=target == "prior")
-    return train_decoder(run, vae.decoder.pixel, data, synthesized, save, target=target, cell=vae_downscale(vae))
+    return train_decoder(run, vae.decoder.pixel, data, synthesized, save, vae_downscale(vae), target=target)

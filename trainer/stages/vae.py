@@ -2,7 +2,7 @@
 
 vae-encoder: MSE(E_tiny(x_LR), E_pre(x_LR)), unscaled SD3 latents.
 vae-decoder: 3 LPIPS(D_tiny(E_pre(x)), x_HR) + 1 GAN, x = x_LR by default (Eq. A.2 as printed)
-or x_HR with `decoder_input: hq`; a discriminator trains beside it.
+or x_HR with `decoder_input: hq`; a discriminator trains beside it. (Its loop also trains demo-teacher-decoder.)
 decoder-tune (not the paper's; the demo's): the decoder again, on what it will decode, the frozen distill-2
 student's latents as the exported pipeline makes them, to the photos (L1 + LPIPS + GAN as configured): a
 decoder trained on clean teacher latents draws the student's soft latents soft.
@@ -48,7 +48,7 @@ def run_vae_encoder(cfg, stage: str, resume: str | None = None):
     return run.dir / FINAL
 
 
-def train_decoder(run: TrainingRun, trained, data, decoder_input, save, target: str = "gt", cell: int = 0) -> Path:
+def train_decoder(run: TrainingRun, trained, data, decoder_input, save, cell: int, target: str = "gt") -> Path:
     """The loop the decoder stages share: `trained` (a decoder, or the part of one that trains) learns the batch's
     `target` images (LPIPS, GAN, L1 and, with `cell` the latent cell in px, cell steps as configured) from
     `decoder_input(batch)`, computed without gradients; then `save(folder)` on the main process."""
@@ -83,6 +83,7 @@ def train_decoder(run: TrainingRun, trained, data, decoder_input, save, target: 
 
 
 def saver(vae):
+    """The tiny VAE's save, where stages write it: final/vae."""
     return lambda folder: vae.save_pretrained(folder / "vae")
 
 
@@ -92,7 +93,7 @@ def run_vae_decoder(cfg, stage: str, resume: str | None = None):
     vae = load_tiny_vae(cfg, "vae-encoder")
     vae.encoder.requires_grad_(False)
     source = "lq_up" if run.scfg.decoder_input == "lq" else "gt"
-    return train_decoder(run, vae.decoder, stage_pairs(cfg, run.scfg), lambda batch: vae_encode(e_pre, batch[source]), saver(vae))
+    return train_decoder(run, vae.decoder, stage_pairs(cfg, run.scfg), lambda batch: vae_encode(e_pre, batch[source]), saver(vae), vae_downscale(vae))
 
 
 def switched_decoder(vae, s):
@@ -114,4 +115,4 @@ def run_decoder_tune(cfg, stage: str, resume: str | None = None):
     def student_output(batch):  # the exported pipeline's latent path, unscaled for the decoder
         return student_latents(student, vae, batch["lq_up"], cfg.remove_token_pattern) / vae.config.scaling_factor
 
-    return train_decoder(run, vae.decoder, stage_pairs(cfg, run.scfg), student_output, saver(vae), cell=vae_downscale(vae))
+    return train_decoder(run, vae.decoder, stage_pairs(cfg, run.scfg), student_output, saver(vae), vae_downscale(vae))
