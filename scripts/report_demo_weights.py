@@ -176,7 +176,7 @@ def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
             "alone drew its errors as cell-sized blocks: boundary steps 2.7x those inside cells on the synthetic set, "
             "1.3x after; photos 1.0). Last, `demo-teacher-decoder` gave its VAE's decoder a residual refiner at pixel "
             "resolution (3 -> 32 channels, one residual block, -> 3, starting as the identity) and trained it alone for 400 "
-            "steps on the teacher's own predictions, to the prior's images, with the same image terms: the 4-px blocks its "
+            "steps on the teacher's own predictions, to the prior's images, with the same image terms plus an image L1: the 4-px blocks its "
             "decoder still drew went (blockiness 1.26 -> 0.92 on the synthetic set, ST-LPIPS 0.482 -> 0.469). It plays TSD-SR's role in the demo chain: "
             "the teacher the student is pruned from and distilled towards. Its pipeline takes the per-image mean pattern "
             "over the positions inside a token out of the transformer's prediction (`remove_token_pattern` in "

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import chain_stages, load_config, teacher_stage  # noqa: E402
+from trainer.config import chain_stages, load_config, standin_target, teacher_stage  # noqa: E402
 
 CONFIG = "trainer/configs/demo-realesrgan.yaml"
 RUNS = ROOT / "runs"
@@ -77,7 +77,7 @@ def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = 
     degrade = [*py, "-m", "tinysr", "degrade"]
     cfg = ["--config", config, "--resume", "latest", f"name={name}", f"teacher={weights / 'tsdsr-demo'}"]
     loaded = load_config(ROOT / config)
-    prior = loaded.standins.target == "realesrgan"
+    prior = standin_target(loaded) == "prior"
     return [
         ("photos", [*py, "scripts/fetch_photos.py", str(PHOTOS)]),
         ("pairs", [*degrade, str(PHOTOS / "train"), "-o", str(PAIRS), "--crop", str(TRAIN_CROP), "--per-image", str(CROPS_PER_PHOTO), "--seed", str(SEED)]),
@@ -119,7 +119,9 @@ def main() -> int:
     args.name = args.name or cfg.name
     run, weights = RUNS / args.name, args.weights.resolve()
     timings_path = run / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() and args.start != names[0] else {}
+    # a whole run starts its timings afresh; a part of one (--from, --until) adds to them
+    whole = args.start == names[0] and not args.until
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() and not whole else {}
     chain = steps(args.name, weights, args.config)
     chain_names = [name for name, _ in chain]
     for option, step in (("--from", args.start), ("--until", args.until)):
@@ -133,6 +135,7 @@ def main() -> int:
         start = time.perf_counter()
         if name == "publish-teacher":
             publish(run / teacher_stage(cfg) / "final", weights / "tsdsr-demo")
+            shutil.rmtree(run / "demo-teacher-decoder", ignore_errors=True)  # its input just changed: no resuming from it
         elif name == "publish-teacher-decoder":
             publish(run / "demo-teacher-decoder" / "final", weights / "tsdsr-demo")
         elif name == "publish-student":

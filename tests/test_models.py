@@ -144,6 +144,21 @@ def test_patch_autoencoder_starts_as_whitened_pca(tmp_path):
 
 
 @torch.no_grad()
+def test_pixel_refiner_starts_as_the_identity_after_the_synthesis(tmp_path):
+    """pixel_channels: a residual refiner after the decoder's synthesis that changes nothing until it trains."""
+    torch.manual_seed(0)
+    vae = PatchAutoencoder(latent_channels=16, channels=8, blocks=1, lapped=True, pixel_channels=4, pixel_blocks=2)
+    z = torch.randn(2, 16, 6, 6)
+    assert vae.decode(z).shape == (2, 3, 24, 24) and torch.equal(vae.decode(z), vae.decoder.synthesize(z))
+    torch.nn.init.normal_(vae.decoder.pixel.conv_out.weight, std=0.1)
+    assert not torch.equal(vae.decode(z), vae.decoder.synthesize(z))
+    assert len(vae.decoder.pixel.blocks) == 2 and vae.decoder.pixel.conv_in.out_channels == 4
+    vae.save_pretrained(tmp_path / "v")
+    assert torch.equal(PatchAutoencoder.from_pretrained(tmp_path / "v").decode(z), vae.decode(z))
+    assert PatchAutoencoder(latent_channels=16, channels=8, blocks=1).decoder.pixel is None  # the default: no refiner
+
+
+@torch.no_grad()
 def test_lapped_patch_decoder_starts_as_the_patch_decoder(tmp_path):
     """lapped: one 8x8-kernel transposed convolution (stride 4) whose centre starts as the PCA patch decoder.
 

@@ -449,6 +449,9 @@ def test_demo_teacher_decoder_trains_a_pixel_refiner_alone_after_the_teachers_de
         assert torch.equal(refined.vae.decoder.synthesize(z), teacher.vae.decode(z))
         assert not torch.equal(refined.vae.decode(z), teacher.vae.decode(z))
     assert refined(random_image(16, 16)).image.shape == (3, 64, 64)
+    capsys.readouterr()  # resuming with another refiner width: refused, not a size-mismatch traceback
+    assert trainer_main(["demo-teacher-decoder", *args, "stages.demo-teacher-decoder.pixel_channels=6", "--resume", "latest"]) == 2
+    assert "holds weights of other shapes than this model's (7, e.g. blocks.0.0.bias)" in capsys.readouterr().err
     # a teacher that already has a refiner gets a new one in its place
     again = ["demo-teacher-decoder", *args, "name=pixel-again", f"teacher={run / 'demo-teacher-decoder' / 'final'}", "stages.demo-teacher-decoder.pixel_channels=6"]
     assert trainer_main(again) == 0
@@ -457,8 +460,9 @@ def test_demo_teacher_decoder_trains_a_pixel_refiner_alone_after_the_teachers_de
     capsys.readouterr()
     assert trainer_main(["demo-teacher-decoder", "--config", cfg, "name=pixel-kl", f"stages.demo-teacher-decoder={json.dumps(stage)}"]) == 2
     assert "adds a pixel refiner to a teacher whose VAE is a PatchAutoencoder (this teacher's: AutoencoderKL)" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="pixel_channels must be >= 1"):
-        check(load_config(cfg, ["stages.demo-teacher-decoder={}", "stages.demo-teacher-decoder.pixel_channels=0"]), ["demo-teacher-decoder"])
+    for bad in ("pixel_channels=0", "pixel_blocks=-1"):
+        with pytest.raises(ConfigError, match="pixel_channels must be >= 1 and pixel_blocks >= 0"):
+            check(load_config(cfg, ["stages.demo-teacher-decoder={}", f"stages.demo-teacher-decoder.{bad}"]), ["demo-teacher-decoder"])
 
 
 def test_patch_tiny_vae_is_a_narrower_copy_of_the_teachers(workspace, tmp_path, capsys):

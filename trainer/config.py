@@ -5,6 +5,7 @@ checks (paths that must exist, choices) so a bad config fails in a second, not a
 """
 
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ def tiny_vae_stage(cfg) -> str:
     return "decoder-tune" if "decoder-tune" in cfg.stages else "vae-decoder"
 
 
+def standin_target(cfg) -> str:
+    """What the demo stand-ins learn: "prior" (the demo-prior stage's restorations) or "gt" (the photos)."""
+    return "prior" if cfg.standins.target == "realesrgan" else "gt"
+
+
 def teacher_stage(cfg) -> str:
     """The stage whose demo teacher the chain distils from (demo-teacher-decoder then changes only its decoder)."""
     return "demo-teacher-tune" if "demo-teacher-tune" in cfg.stages else "demo-teacher"
@@ -55,7 +61,7 @@ def final_dir(cfg, stage: str) -> Path:
 def upstream_stages(cfg, stage: str) -> list[str]:
     """The earlier stages whose final output `stage` reads (the chain's order: CHAIN)."""
     decoder = ["vae-decoder"]
-    prior = ["demo-prior"] if cfg.standins.target == "realesrgan" else []
+    prior = ["demo-prior"] if standin_target(cfg) == "prior" else []
     return {
         "vae-decoder": ["vae-encoder"],
         "prune-search": decoder,
@@ -119,7 +125,7 @@ class StageConfig:
     overfit_batch: bool = False  # always the first batch_size pairs: a quick check that a stage can learn
     # loss weights (paper: decoder 3 LPIPS + 1 GAN; search 1/1; stage 2: 5 L1 + 1 LPIPS + 0.3 GAN)
     w_mse: float = 0.0
-    w_l1: float = 0.0
+    w_l1: float = 0.0  # on latents in the stages that regress them; on the image in vae-decoder, decoder-tune, demo-teacher-decoder
     w_lpips: float = 0.0
     w_gan: float = 0.0
     w_kl: float = 0.0
@@ -129,7 +135,7 @@ class StageConfig:
     lattice_period: int = 0  # > 0: LPIPS compares images less their mean pattern of this period in px (tinysr.lattice.lattice_pattern)
     lattice_window: int = 0  # with lattice_period: that pattern averaged over this many cells around each (odd), 0: the whole crop
     w_lattice_l1: float = 0.0  # with lattice_period: L1 between the image's and the target's pattern
-    w_cell_steps: float = 0.0  # demo-teacher(-tune, -decoder), decoder-tune: excess of the image's steps across latent cells over the target's (losses.cell_step_excess)
+    w_cell_steps: float = 0.0  # demo-teacher(-tune, -decoder), vae-decoder, decoder-tune: excess of the image's steps across latent cells over the target's (losses.cell_step_excess)
     teacher_lattice_period: int = 0  # distill: > 0 takes each crop's mean pattern of this period (latent px) out of the teacher's latents
     discriminator: str = "conv"  # conv | dino-projected
     disc_condition: str = "none"  # dino-projected only: none | dinov2-cls (the GT's DINOv2 CLS token, the fork's stage 2)
@@ -308,6 +314,10 @@ def check(cfg: DictConfig, stages: list[str]) -> None:
         s = cfg.stages["demo-teacher-decoder"]
         if s.pixel_channels < 1 or s.pixel_blocks < 0:
             raise ConfigError(f"stages.demo-teacher-decoder: pixel_channels must be >= 1 and pixel_blocks >= 0, got {s.pixel_channels} and {s.pixel_blocks}")
+        vae_config = Path(cfg.teacher) / "vae" / "config.json"  # a local teacher folder: refused now, not after loading it
+        vae_class = json.loads(vae_config.read_text()).get("_class_name") if vae_config.is_file() else "PatchAutoencoder"
+        if vae_class != "PatchAutoencoder":
+            raise ConfigError(f"demo-teacher-decoder adds a pixel refiner to a teacher whose VAE is a PatchAutoencoder (this teacher's: {vae_class})")
     if cfg.standins.target not in ("gt", "realesrgan"):
         raise ConfigError(f"standins.target must be gt or realesrgan, got {cfg.standins.target!r}")
     if "demo-base-vae" in stages:

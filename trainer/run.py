@@ -81,12 +81,16 @@ class TrainingRun:
             path = self.resume_from / (SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{i}."))  # accelerate's names
             if not path.is_file():
                 continue
+            own = model.state_dict()
             with safe_open(path, "pt") as f:
-                unexpected = sorted(set(f.keys()) - set(model.state_dict()))
-            if unexpected:
+                unexpected = sorted(set(f.keys()) - set(own))
+                resized = sorted(k for k in set(f.keys()) & set(own) if tuple(f.get_slice(k).get_shape()) != tuple(own[k].shape))
+            if unexpected or resized:
+                what = f"weights this model does not have ({len(unexpected)}, e.g. {unexpected[0]})" if unexpected else (
+                    f"weights of other shapes than this model's ({len(resized)}, e.g. {resized[0]})")
                 raise ConfigError(
-                    f"{path} holds weights this model does not have ({len(unexpected)}, e.g. {unexpected[0]}): it was written for "
-                    "another model layout; run the stage without --resume or move that checkpoint away"
+                    f"{path} holds {what}: it was written for another model layout; run the stage without --resume or move "
+                    "that checkpoint away"
                 )
 
     def _find_checkpoint(self, resume: str) -> Path | None:

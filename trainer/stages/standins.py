@@ -41,7 +41,7 @@ from tinysr.pipelines.base import VAE_CLASSES, vae_decode, vae_downscale, vae_en
 from tinysr.weights import load_component
 
 from ..common import final_dir, load_teacher, rebuilt, require, stage_pairs
-from ..config import FINAL, ConfigError
+from ..config import FINAL, ConfigError, standin_target
 from ..losses import cell_step_excess, discriminator_step, image_losses, make_gan, perceptual_loss
 from ..run import TrainingRun, stage_dir
 from .vae import train_decoder
@@ -118,7 +118,7 @@ def run_base_vae(cfg, stage: str, resume: str | None = None):
     torch.manual_seed(cfg.seed)
     vae_class = VAE_CLASSES[cfg.standins.vae_class]
     vae = vae_class(**OmegaConf.to_container(cfg.standins.vae)).to(memory_format=torch.channels_last)
-    prior = cfg.standins.target == "realesrgan"
+    prior = standin_target(cfg) == "prior"
     data = stage_pairs(cfg, s, prior=prior)
     if isinstance(vae, PatchAutoencoder):  # a resumed run overwrites this with its checkpoint
         vae.fit_linear(torch.cat([run.batch(data, -1 - i)["gt"] for i in range(PCA_BATCHES)]))
@@ -208,7 +208,7 @@ def run_teacher(cfg, stage: str, resume: str | None = None):
         # pattern when remove_token_pattern is set)
         pipe = TSDSRPipeline(transformer, vae, prompt, pooled, device=run.device, remove_token_pattern=cfg.remove_token_pattern)
     transformer.train().requires_grad_(True)  # the pipeline froze it for inference
-    target = "prior" if cfg.standins.target == "realesrgan" else "gt"
+    target = standin_target(cfg)
     with_images = s.w_lpips > 0 or s.w_gan > 0 or s.w_image_l1 > 0 or s.w_lattice_l1 > 0 or s.w_cell_steps > 0
     data = EncodedPairs(stage_pairs(cfg, s, prior=target == "prior"), vae, target, with_images, run.device, dihedral=s.dihedral)
     params = list(transformer.parameters())
@@ -268,7 +268,7 @@ def run_teacher_decoder(cfg, stage: str, resume: str | None = None):
     pipe = load_teacher(cfg, run.device)
     vae = with_pixel_refiner(pipe.vae, s.pixel_channels, s.pixel_blocks).to(run.device).eval().requires_grad_(False)
     vae.decoder.pixel.train().requires_grad_(True)
-    target = "prior" if cfg.standins.target == "realesrgan" else "gt"
+    target = standin_target(cfg)
 
     def synthesized(batch):  # the teacher's prediction as inference makes it, decoded up to the pixel refiner
         z = pipe.encode_latents(batch["lq_up"], vae_tile_size=None)
