@@ -37,7 +37,7 @@ from tinysr.evaluate import evaluate_folders, pair_files, quality_table, read_rg
 from tinysr.imageio import list_images  # noqa: E402
 from tinysr.metrics import METRICS, MetricSuite, blockiness, lattice_score, missing_files  # noqa: E402
 from tinysr.pipelines import load_pipeline  # noqa: E402
-from trainer.config import chain_stages, load_config  # noqa: E402
+from trainer.config import STAGES, chain_stages, load_config  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SETS = {
@@ -151,7 +151,7 @@ def precision_note(bench: dict, m: dict) -> str:
 
 
 def card(kind: str, results: dict, bench: dict, timings: dict) -> str:
-    teacher = ["demo-prior", "demo-base-vae", "demo-teacher", "demo-teacher-tune", "demo-teacher-decoder"]
+    teacher = [stage for stage in STAGES if stage.startswith("demo-")]  # the stand-ins' stages, in the order they run
     stages = teacher if kind == "teacher" else chain_stages(load_config(ROOT / CONFIG))
     rows = "\n".join(
         f"| {s} | {timings[s].get('steps', '-')} | {timings[s]['wall_s'] / 60:.1f} | "
