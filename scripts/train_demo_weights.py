@@ -6,7 +6,7 @@ demo's pretrained prior, computed once) -> stand-in base VAE and teacher (regres
 trainer/configs/demo-realesrgan.yaml, then the teacher and student are written in fp16 to
 assets/weights/. `--config trainer/configs/demo.yaml` trains the earlier stand-ins instead (no
 prior: the teacher learns the photos from scratch), kept for comparison. Every step is a separate
-command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint), `--until STEP` stops after it.
+command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint of the same settings and inputs), `--until STEP` stops after it.
 `--name repro --weights runs/repro-weights` retrains into other folders and then prints how far each
 retrained tensor file is from the bundled one.
 `scripts/report_demo_weights.py` then measures them and writes the model cards.

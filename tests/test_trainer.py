@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from tinysr import TinySRPipeline, TinySRTransformer, TSDSRPipeline
 from tinysr.imageio import load_image
@@ -121,13 +122,18 @@ def test_bad_configs_fail_fast(workspace, tmp_path):
             check(load_config(cfg, [override]), ["decoder-tune"])
 
 
+# every stage on a fixed batch so its loss must fall; the token-pattern removal as the bundled demo's config
+CHAIN_OVERRIDES = [
+    *(f"stages.{st}.overfit_batch=true" for st in ("vae-encoder", "vae-decoder", "prune-search", "distill-1", "distill-2", "decoder-tune")),
+    "remove_token_pattern=true",
+]
+
+
 @pytest.fixture(scope="module")
 def chain(workspace):
     """`python -m trainer all` on the tiny config, every stage on a fixed batch so its loss must fall."""
-    overrides = [f"stages.{st}.overfit_batch=true" for st in ("vae-encoder", "vae-decoder", "prune-search", "distill-1", "distill-2", "decoder-tune")]
-    overrides.append("remove_token_pattern=true")  # as the bundled demo's config
     start = time.perf_counter()
-    assert trainer_main(["all", "--config", str(workspace / "tiny.yaml"), *overrides]) == 0
+    assert trainer_main(["all", "--config", str(workspace / "tiny.yaml"), *CHAIN_OVERRIDES]) == 0
     return time.perf_counter() - start
 
 
@@ -204,8 +210,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, chain):
 
 def test_a_checkpoint_of_another_layout_is_refused_not_resumed_with_fresh_weights(workspace, chain, capsys):
     """Loading is not strict (frozen weights are not saved): a checkpoint naming tensors the model lacks must stop the run."""
-    from safetensors.torch import load_file, save_file
-
     copy_inputs(workspace, "foreign")
     ckpt = workspace / "runs" / "foreign" / "distill-1" / "checkpoints" / "step-0000008"
     shutil.copytree(workspace / "runs" / "tiny" / "distill-1" / "checkpoints" / "step-0000008", ckpt)
@@ -213,9 +217,33 @@ def test_a_checkpoint_of_another_layout_is_refused_not_resumed_with_fresh_weight
     first = sorted(weights)[0]
     weights["renamed." + first] = weights.pop(first)
     save_file(weights, ckpt / "model.safetensors")
-    assert trainer_main(["distill-1", "--config", str(workspace / "tiny.yaml"), "name=foreign", "--resume", "latest"]) == 2
+    assert trainer_main(["distill-1", "--config", str(workspace / "tiny.yaml"), "name=foreign", *CHAIN_OVERRIDES, "--resume", "latest"]) == 2
     assert f"holds weights this model does not have (1, e.g. renamed.{first})" in capsys.readouterr().err
     assert not (workspace / "runs" / "foreign" / "distill-1" / "final").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_or_inputs(workspace, chain, capsys):
+    """A checkpoint records its settings and inputs: resuming it after either changed would mix two trainings."""
+    copy_inputs(workspace, "stale")
+    ckpt = workspace / "runs" / "stale" / "distill-1" / "checkpoints" / "step-0000008"
+    shutil.copytree(workspace / "runs" / "tiny" / "distill-1" / "checkpoints" / "step-0000008", ckpt)
+    resume = ["distill-1", "--config", str(workspace / "tiny.yaml"), "name=stale", *CHAIN_OVERRIDES, "--resume", "latest"]
+    capsys.readouterr()
+    assert trainer_main([*resume, "stages.distill-1.lr=0.002"]) == 2
+    err = capsys.readouterr().err
+    assert "stages.distill-1.lr: 0.001 -> 0.002" in err and "resuming would mix two trainings" in err
+    vae = workspace / "runs" / "stale" / "vae-decoder" / "final" / "vae" / "diffusion_pytorch_model.safetensors"
+    retrained = {k: v + 0.01 for k, v in load_file(vae).items()}
+    save_file(retrained, vae)
+    assert trainer_main(resume) == 2
+    assert "(vae-decoder output changed since)" in capsys.readouterr().err
+    assert not (workspace / "runs" / "stale" / "distill-1" / "final").exists()
+    # a longer run of the same training resumes; a checkpoint from before records were kept resumes unchecked
+    state = ckpt / "trainer_state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "record"}))
+    assert trainer_main([*resume, "stages.distill-1.steps=14"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in log_rows(workspace, "distill-1", "stale")][-1] == 14
 
 
 def test_accelerate_two_processes_on_cpu(workspace, chain):
@@ -450,7 +478,12 @@ def test_demo_teacher_decoder_trains_a_pixel_refiner_alone_after_the_teachers_de
         assert not torch.equal(refined.vae.decode(z), teacher.vae.decode(z))
     assert refined(random_image(16, 16)).image.shape == (3, 64, 64)
     capsys.readouterr()  # resuming with another refiner width: refused, not a size-mismatch traceback
-    assert trainer_main(["demo-teacher-decoder", *args, "stages.demo-teacher-decoder.pixel_channels=6", "--resume", "latest"]) == 2
+    wider = ["demo-teacher-decoder", *args, "stages.demo-teacher-decoder.pixel_channels=6", "--resume", "latest"]
+    assert trainer_main(wider) == 2
+    assert "stages.demo-teacher-decoder.pixel_channels: 4 -> 6" in capsys.readouterr().err
+    state = run / "demo-teacher-decoder" / "checkpoints" / "step-0000003" / "trainer_state.json"  # as written before records were kept
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "record"}))
+    assert trainer_main(wider) == 2
     assert "holds weights of other shapes than this model's (7, e.g. blocks.0.0.bias)" in capsys.readouterr().err
     # a teacher that already has a refiner gets a new one in its place
     again = ["demo-teacher-decoder", *args, "name=pixel-again", f"teacher={run / 'demo-teacher-decoder' / 'final'}", "stages.demo-teacher-decoder.pixel_channels=6"]

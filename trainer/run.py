@@ -30,6 +30,7 @@ from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
 from .config import ConfigError, stage_dir
+from .provenance import record_differences, training_record
 
 CHECKPOINTS = "checkpoints"
 
@@ -50,7 +51,10 @@ class TrainingRun:
         self.accelerator.init_trackers(f"{cfg.name}-{stage}")
         self.accelerator.register_save_state_pre_hook(self._drop_frozen_parameters)
         self.start_step = 0
+        self.record = training_record(cfg, stage)
         self.resume_from = self._find_checkpoint(resume) if resume else None
+        if self.resume_from is not None:
+            self._refuse_other_training()
         self._t0 = time.perf_counter()
         self._last_step_time = self._t0
 
@@ -92,6 +96,18 @@ class TrainingRun:
                     f"{path} holds {what}: it was written for another model layout; run the stage without --resume or move "
                     "that checkpoint away"
                 )
+
+    def _refuse_other_training(self) -> None:
+        """A checkpoint written with other settings or inputs would continue another training: refuse it (checkpoints
+        from before records were kept are resumed unchecked)."""
+        saved = json.loads((self.resume_from / "trainer_state.json").read_text()).get("record")
+        changed = record_differences(saved, self.record, self.stage) if saved is not None else []
+        if changed:
+            listed = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise ConfigError(
+                f"{self.resume_from} was trained with other settings or inputs ({listed}): resuming would mix two trainings. "
+                f"To train it afresh, move {self.dir / CHECKPOINTS} away or run the stage without --resume; or train under another name=..."
+            )
 
     def _find_checkpoint(self, resume: str) -> Path | None:
         if resume != "latest":
@@ -188,7 +204,7 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp))
         if self.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "stage": self.stage}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "stage": self.stage, "record": self.record}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

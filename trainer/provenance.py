@@ -1,0 +1,90 @@
+"""What a checkpoint was trained with, so that `--resume` continues the same training and never mixes two.
+
+Each checkpoint records the run's settings (this stage's and the run-wide ones) and a fingerprint of every input
+the stage reads: the earlier stages' outputs, the teacher, the pairs, the latent cache. Resuming compares that
+record with the current one and refuses on any difference: a stage rerun after its input was retrained, or with
+another learning rate, would otherwise quietly continue the old training.
+"""
+
+import hashlib
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from .config import final_dir, stage_dir, upstream_stages
+
+# a run may be extended, or checkpointed and logged at other intervals, and still resume
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "log_every")
+# run-wide keys recorded as their inputs' fingerprints (a moved folder is the same input), or that change no result
+NOT_SETTINGS = ("name", "output_dir", "report_to", "teacher", "pretrained_vae", "stages")
+NOT_DATA_SETTINGS = ("pairs", "cache", "num_workers")
+# stand-in stages that train the teacher rather than read it
+TEACHER_FREE = ("demo-prior", "demo-base-vae", "demo-teacher", "demo-teacher-tune")
+CACHE_READERS = ("prune-search", "distill-1", "distill-2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".npy", ".npz")
+NOT_INPUTS = (".md", ".txt", ".log")  # model cards and notes, rewritten without changing a weight
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def fingerprint(path: Path) -> str:
+    """A digest of a file or folder: every file's name and size (not cards and notes), and for weights and configs evenly spaced samples of
+    their bytes (a retrained tensor file differs almost everywhere; reading a 2 B-parameter teacher whole would not pay)."""
+    if not path.exists():
+        return "missing"
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in NOT_INPUTS)
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0{size}\0".encode())
+        if file.suffix in WEIGHT_SUFFIXES:
+            with file.open("rb") as f:
+                if size <= SAMPLES * SAMPLE_BYTES:
+                    digest.update(f.read())
+                else:
+                    for i in range(SAMPLES):
+                        f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                        digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def stage_inputs(cfg, stage: str) -> dict[str, str]:
+    """The files `stage` reads, by name: path (a hub id or alias stands for itself)."""
+    inputs = {f"{up} output": str(final_dir(cfg, up)) for up in upstream_stages(cfg, stage)}
+    inputs["pairs"] = cfg.data.pairs
+    if stage not in TEACHER_FREE:
+        inputs["teacher"] = cfg.teacher
+        if cfg.pretrained_vae:
+            inputs["pretrained_vae"] = cfg.pretrained_vae
+    if stage in CACHE_READERS:
+        inputs["latent cache"] = cfg.data.cache or str(stage_dir(cfg, "cache"))
+    return inputs
+
+
+def training_record(cfg, stage: str) -> dict:
+    """The settings and input fingerprints a checkpoint of `stage` is written with (JSON-ready)."""
+    run_wide = OmegaConf.to_container(cfg, resolve=True)
+    settings = {key: value for key, value in run_wide.items() if key not in NOT_SETTINGS}
+    settings["data"] = {key: value for key, value in run_wide["data"].items() if key not in NOT_DATA_SETTINGS}
+    settings["stage"] = {key: value for key, value in run_wide["stages"][stage].items() if key not in RESUMABLE_CHANGES}
+    inputs = {name: fingerprint(Path(path)) if Path(path).exists() else path for name, path in stage_inputs(cfg, stage).items()}
+    return {"settings": settings, "inputs": inputs}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def record_differences(saved: dict, current: dict, stage: str) -> list[str]:
+    """Readable differences between a checkpoint's record and the current one (empty: the same training)."""
+    old, new = _flat(saved.get("settings", {})), _flat(current["settings"])
+    rename = lambda key: key.replace("stage.", f"stages.{stage}.", 1) if key.startswith("stage.") else key
+    changed = [f"{rename(k)}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    inputs_old, inputs_new = saved.get("inputs", {}), current["inputs"]
+    changed += [f"{name} changed since" for name in sorted(inputs_old.keys() | inputs_new.keys()) if inputs_old.get(name) != inputs_new.get(name)]
+    return changed
