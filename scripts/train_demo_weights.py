@@ -6,7 +6,7 @@ demo's pretrained prior, computed once) -> stand-in base VAE and teacher (regres
 trainer/configs/demo-realesrgan.yaml, then the teacher and student are written in fp16 to
 assets/weights/. `--config trainer/configs/demo.yaml` trains the earlier stand-ins instead (no
 prior: the teacher learns the photos from scratch), kept for comparison. Every step is a separate
-command, timed; `--from STEP` restarts there (training stages resume from their last checkpoint of the same settings and inputs), `--until STEP` stops after it.
+command, timed; `--from STEP` restarts there (a training stage resumes from its last checkpoint when that was trained with the same settings and inputs, and is otherwise moved to STAGE.replaced and trained afresh), `--until STEP` stops after it.
 `--name repro --weights runs/repro-weights` retrains into other folders and then prints how far each
 retrained tensor file is from the bundled one.
 `scripts/report_demo_weights.py` then measures them and writes the model cards.
@@ -14,6 +14,7 @@ retrained tensor file is from the bundled one.
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.config import chain_stages, load_config, standin_target, teacher_stage  # noqa: E402
+from trainer.config import chain_stages, load_config, stage_dir, standin_target, teacher_stage  # noqa: E402
+from trainer.provenance import training_record  # noqa: E402
+from trainer.run import checkpoint_differences, latest_checkpoint  # noqa: E402
 
 CONFIG = "trainer/configs/demo-realesrgan.yaml"
 RUNS = ROOT / "runs"
@@ -94,6 +97,22 @@ def steps(name: str = "demo-realesrgan", weights: Path = WEIGHTS, config: str = 
     ]
 
 
+def replace_stale(cfg, stage: str) -> None:
+    """A stage whose last checkpoint was trained with other settings or inputs is moved to STAGE.replaced and trained
+    afresh: `--from` reruns what changed and resumes the rest."""
+    directory = stage_dir(cfg, stage)
+    checkpoint = latest_checkpoint(directory)
+    changed = checkpoint_differences(checkpoint, training_record(cfg, stage), stage) if checkpoint else []
+    if changed:
+        aside = directory.with_name(stage + ".replaced")
+        if aside.is_symlink() or aside.is_file():
+            aside.unlink()
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+        directory.rename(aside)
+        print(f"{stage}: trained afresh ({'; '.join(changed[:3])}); the earlier run moved to {aside}", flush=True)
+
+
 def first_last_loss(run: Path, stage: str) -> dict:
     log = run / stage / "log.jsonl"
     if not log.is_file():
@@ -118,6 +137,8 @@ def main() -> int:
     cfg = load_config(ROOT / args.config)
     args.name = args.name or cfg.name
     run, weights = RUNS / args.name, args.weights.resolve()
+    os.chdir(ROOT)  # the config's relative paths, as the stages' subprocesses see them
+    stage_cfg = load_config(ROOT / args.config, [f"name={args.name}", f"teacher={weights / 'tsdsr-demo'}"])
     timings_path = run / "timings.json"
     # a whole run starts its timings afresh; a part of one (--from, --until) adds to them
     whole = args.start == names[0] and not args.until
@@ -135,12 +156,13 @@ def main() -> int:
         start = time.perf_counter()
         if name == "publish-teacher":
             publish(run / teacher_stage(cfg) / "final", weights / "tsdsr-demo")
-            shutil.rmtree(run / "demo-teacher-decoder", ignore_errors=True)  # its input just changed: no resuming from it
         elif name == "publish-teacher-decoder":
             publish(run / "demo-teacher-decoder" / "final", weights / "tsdsr-demo")
         elif name == "publish-student":
             publish(run / "export", weights / "tinysr-demo")
         else:
+            if name in cfg.stages:
+                replace_stale(stage_cfg, name)
             subprocess.run(command, cwd=ROOT, check=True)
         timings[name] = {"wall_s": round(time.perf_counter() - start, 1), **first_last_loss(run, name)}
         run.mkdir(parents=True, exist_ok=True)

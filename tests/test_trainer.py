@@ -24,6 +24,7 @@ from tinysr.models import PatchAutoencoder
 from trainer.cli import main as trainer_main
 from trainer.common import load_tiny_vae, new_tiny_vae
 from trainer.config import ConfigError, check, load_config
+from trainer.provenance import record_differences
 
 from .conftest import make_kl, make_sd3, make_student, random_image
 
@@ -224,26 +225,43 @@ def test_a_checkpoint_of_another_layout_is_refused_not_resumed_with_fresh_weight
 
 def test_resume_refuses_a_checkpoint_of_other_settings_or_inputs(workspace, chain, capsys):
     """A checkpoint records its settings and inputs: resuming it after either changed would mix two trainings."""
+    from scripts.train_demo_weights import replace_stale
+
     copy_inputs(workspace, "stale")
-    ckpt = workspace / "runs" / "stale" / "distill-1" / "checkpoints" / "step-0000008"
-    shutil.copytree(workspace / "runs" / "tiny" / "distill-1" / "checkpoints" / "step-0000008", ckpt)
+    stage = workspace / "runs" / "stale" / "distill-1"
+    shutil.copytree(workspace / "runs" / "tiny" / "distill-1" / "checkpoints" / "step-0000008", stage / "checkpoints" / "step-0000008")
     resume = ["distill-1", "--config", str(workspace / "tiny.yaml"), "name=stale", *CHAIN_OVERRIDES, "--resume", "latest"]
     capsys.readouterr()
-    assert trainer_main([*resume, "stages.distill-1.lr=0.002"]) == 2
-    err = capsys.readouterr().err
-    assert "stages.distill-1.lr: 0.001 -> 0.002" in err and "resuming would mix two trainings" in err
+    for change, said in (("lr=0.002", "stages.distill-1.lr: 0.001 -> 0.002"), ("steps=14", "stages.distill-1.steps: 12 -> 14")):
+        assert trainer_main([*resume, f"stages.distill-1.{change}"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "resuming would mix two trainings" in err
     vae = workspace / "runs" / "stale" / "vae-decoder" / "final" / "vae" / "diffusion_pytorch_model.safetensors"
-    retrained = {k: v + 0.01 for k, v in load_file(vae).items()}
-    save_file(retrained, vae)
+    save_file({k: v + 0.01 for k, v in load_file(vae).items()}, vae)
     assert trainer_main(resume) == 2
     assert "(vae-decoder output changed since)" in capsys.readouterr().err
-    assert not (workspace / "runs" / "stale" / "distill-1" / "final").exists()
-    # a longer run of the same training resumes; a checkpoint from before records were kept resumes unchecked
-    state = ckpt / "trainer_state.json"
+    assert not (stage / "final").exists()
+    # a checkpoint from before records were kept resumes unchecked
+    state = stage / "checkpoints" / "step-0000008" / "trainer_state.json"
     state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "record"}))
-    assert trainer_main([*resume, "stages.distill-1.steps=14"]) == 0
+    assert trainer_main(resume) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert [r["step"] for r in log_rows(workspace, "distill-1", "stale")][-1] == 14
+    assert [r["step"] for r in log_rows(workspace, "distill-1", "stale")][-1] == 12
+    # the retrain script keeps a stage of the same training and moves one of other settings aside, to train it afresh
+    settings = [str(workspace / "tiny.yaml"), ["name=stale", *CHAIN_OVERRIDES]]
+    replace_stale(load_config(*settings), "distill-1")
+    assert (stage / "final").is_dir()
+    replace_stale(load_config(settings[0], [*settings[1], "stages.distill-1.lr=0.002"]), "distill-1")
+    assert not stage.exists() and (stage.with_name("distill-1.replaced") / "final").is_dir()
+    assert "distill-1: trained afresh (stages.distill-1.lr: 0.001 -> 0.002)" in capsys.readouterr().out
+
+
+def test_a_setting_added_since_a_checkpoint_counts_only_off_its_default():
+    record = {"settings": {"seed": 80, "stage": {"lr": 1e-3, "w_l1": 1.0}}, "inputs": {"pairs": "abc"}}
+    older = {"settings": {"seed": 80, "stage": {"lr": 1e-3}}, "inputs": {}}  # written before w_l1 and the inputs were recorded
+    assert record_differences(older, {**record, "settings": {"seed": 80, "stage": {"lr": 1e-3, "w_l1": 0.0}}}, "distill-1") == []
+    assert record_differences(older, record, "distill-1") == ["stages.distill-1.w_l1: (not recorded) -> 1.0"]
+    assert record_differences(record, {**record, "inputs": {"pairs": "abd"}}, "distill-1") == ["pairs changed since"]
 
 
 def test_accelerate_two_processes_on_cpu(workspace, chain):

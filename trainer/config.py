@@ -71,6 +71,7 @@ def upstream_stages(cfg, stage: str) -> list[str]:
         "distill-2": ["prune-export", "distill-1", *decoder],
         "decoder-tune": ["distill-2", *decoder],
         "export": ["distill-2", tiny_vae_stage(cfg)],
+        "demo-base-vae": prior,
         "demo-teacher": ["demo-base-vae", *prior],
         "demo-teacher-tune": ["demo-teacher", *prior],
         "demo-teacher-decoder": prior,

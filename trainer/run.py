@@ -35,6 +35,19 @@ from .provenance import record_differences, training_record
 CHECKPOINTS = "checkpoints"
 
 
+def latest_checkpoint(directory: Path) -> Path | None:
+    """A stage folder's last complete checkpoint."""
+    complete = sorted((directory / CHECKPOINTS).glob("step-*[0-9]")) if (directory / CHECKPOINTS).is_dir() else []
+    complete = [p for p in complete if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def checkpoint_differences(checkpoint: Path, record: dict, stage: str) -> list[str]:
+    """How `record` differs from what the checkpoint was trained with (nothing for checkpoints from before records)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("record")
+    return record_differences(saved, record, stage) if saved is not None else []
+
+
 class TrainingRun:
     def __init__(self, cfg, stage: str, resume: str | None = None):
         self.cfg, self.stage = cfg, stage
@@ -51,9 +64,11 @@ class TrainingRun:
         self.accelerator.init_trackers(f"{cfg.name}-{stage}")
         self.accelerator.register_save_state_pre_hook(self._drop_frozen_parameters)
         self.start_step = 0
-        self.record = training_record(cfg, stage)
+        # the main process records and checks (the others may start before it has written the last stage's output;
+        # a refusal there ends the whole launch)
+        self.record = training_record(cfg, stage, self.accelerator.num_processes) if self.is_main else None
         self.resume_from = self._find_checkpoint(resume) if resume else None
-        if self.resume_from is not None:
+        if self.resume_from is not None and self.is_main:
             self._refuse_other_training()
         self._t0 = time.perf_counter()
         self._last_step_time = self._t0
@@ -100,13 +115,12 @@ class TrainingRun:
     def _refuse_other_training(self) -> None:
         """A checkpoint written with other settings or inputs would continue another training: refuse it (checkpoints
         from before records were kept are resumed unchecked)."""
-        saved = json.loads((self.resume_from / "trainer_state.json").read_text()).get("record")
-        changed = record_differences(saved, self.record, self.stage) if saved is not None else []
+        changed = checkpoint_differences(self.resume_from, self.record, self.stage)
         if changed:
             listed = "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
             raise ConfigError(
                 f"{self.resume_from} was trained with other settings or inputs ({listed}): resuming would mix two trainings. "
-                f"To train it afresh, move {self.dir / CHECKPOINTS} away or run the stage without --resume; or train under another name=..."
+                f"To train the stage afresh, move {self.dir} away, or train under another name=..."
             )
 
     def _find_checkpoint(self, resume: str) -> Path | None:
@@ -115,9 +129,7 @@ class TrainingRun:
             if not (path / "trainer_state.json").is_file():
                 raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
             return path
-        complete = sorted((self.dir / CHECKPOINTS).glob("step-*[0-9]")) if (self.dir / CHECKPOINTS).is_dir() else []
-        complete = [p for p in complete if (p / "trainer_state.json").is_file()]
-        return complete[-1] if complete else None
+        return latest_checkpoint(self.dir)
 
     # ----- the loop -----
     def steps(self):
