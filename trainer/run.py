@@ -14,7 +14,8 @@ A stage writes its own loop (nanoGPT style) and calls into a `TrainingRun` for t
     run.finish()
 
 Batches and any noise are drawn from generators seeded by (seed, step), so a resumed run
-sees exactly what an uninterrupted one would have seen.
+sees exactly what an uninterrupted one would have seen; each checkpoint records the settings and inputs it was
+trained with (trainer.provenance), so that a resume continues only the same training.
 """
 
 import json
