@@ -262,6 +262,9 @@ def test_a_setting_added_since_a_checkpoint_counts_only_off_its_default():
     assert record_differences(older, {**record, "settings": {"seed": 80, "stage": {"lr": 1e-3, "w_l1": 0.0}}}, "distill-1") == []
     assert record_differences(older, record, "distill-1") == ["stages.distill-1.w_l1: (not recorded) -> 1.0"]
     assert record_differences(record, {**record, "inputs": {"pairs": "abd"}}, "distill-1") == ["pairs changed since"]
+    two = {"settings": {"seed": 80, "num_processes": 2, "stage": {"lr": 1e-3}}, "inputs": {}}
+    assert record_differences(older, {**two, "settings": {**two["settings"], "num_processes": 1}}, "distill-1") == []
+    assert record_differences(older, two, "distill-1") == ["num_processes: (not recorded) -> 2"]
 
 
 def test_accelerate_two_processes_on_cpu(workspace, chain):

@@ -93,7 +93,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def _defaults() -> dict:
-    return _flat(json.loads(json.dumps(_settings(OmegaConf.structured(TrainerConfig), asdict(StageConfig())))))
+    settings = _settings(OmegaConf.structured(TrainerConfig), asdict(StageConfig()))
+    return _flat(json.loads(json.dumps({**settings, "num_processes": 1})))
 
 
 def record_differences(saved: dict, current: dict, stage: str) -> list[str]:
