@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.config import chain_stages, load_config, stage_dir, standin_target, teacher_stage  # noqa: E402
-from trainer.provenance import training_record  # noqa: E402
-from trainer.run import checkpoint_differences, latest_checkpoint  # noqa: E402
+from trainer.provenance import checkpoint_differences, training_record  # noqa: E402
+from trainer.run import latest_checkpoint  # noqa: E402
 
 CONFIG = "trainer/configs/demo-realesrgan.yaml"
 RUNS = ROOT / "runs"

@@ -9,6 +9,7 @@ retrained, or with another learning rate, would otherwise quietly continue the o
 import hashlib
 import json
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -92,6 +93,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+@cache
 def _defaults() -> dict:
     settings = _settings(OmegaConf.structured(TrainerConfig), asdict(StageConfig()))
     return _flat(json.loads(json.dumps({**settings, "num_processes": 1})))
@@ -100,14 +102,22 @@ def _defaults() -> dict:
 def record_differences(saved: dict, current: dict, stage: str) -> list[str]:
     """Readable differences between a checkpoint's record and the current one (empty: the same training).
 
-    A setting or input the saved record lacks (added to the code since) counts only when it is not at its default."""
-    old, new, defaults = _flat(saved.get("settings", {})), _flat(current["settings"]), _defaults()
-    rename = lambda key: key.replace("stage.", f"stages.{stage}.", 1) if key.startswith("stage.") else key
-    changed = [
-        f"{rename(k)}: {old[k] if k in old else '(not recorded)'} -> {new[k] if k in new else '(no longer a setting)'}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k) and not (k not in old and new.get(k) == defaults.get(k, object())) and k in new
-    ]
+    A setting the saved record lacks (added to the code since) counts only off its default, an input it lacks not at
+    all; one the code no longer has cannot change the training."""
+    old, new = _flat(saved.get("settings", {})), _flat(current["settings"])
+    changed = []
+    for key in sorted(new):
+        unchanged = old[key] == new[key] if key in old else key in _defaults() and _defaults()[key] == new[key]
+        if unchanged:
+            continue
+        name = f"stages.{stage}.{key[len('stage.'):]}" if key.startswith("stage.") else key
+        changed.append(f"{name}: {old[key] if key in old else '(not recorded)'} -> {new[key]}")
     inputs_old, inputs_new = saved.get("inputs", {}), current["inputs"]
     changed += [f"{name} changed since" for name in sorted(inputs_old.keys() & inputs_new.keys()) if inputs_old[name] != inputs_new[name]]
     return changed
+
+
+def checkpoint_differences(checkpoint: Path, record: dict, stage: str) -> list[str]:
+    """How `record` differs from what the checkpoint was trained with (nothing for checkpoints from before records)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("record")
+    return record_differences(saved, record, stage) if saved is not None else []

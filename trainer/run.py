@@ -31,7 +31,7 @@ from diffusers.optimization import get_scheduler
 from safetensors import safe_open
 
 from .config import ConfigError, stage_dir
-from .provenance import record_differences, training_record
+from .provenance import checkpoint_differences, training_record
 
 CHECKPOINTS = "checkpoints"
 
@@ -41,12 +41,6 @@ def latest_checkpoint(directory: Path) -> Path | None:
     complete = sorted((directory / CHECKPOINTS).glob("step-*[0-9]")) if (directory / CHECKPOINTS).is_dir() else []
     complete = [p for p in complete if (p / "trainer_state.json").is_file()]
     return complete[-1] if complete else None
-
-
-def checkpoint_differences(checkpoint: Path, record: dict, stage: str) -> list[str]:
-    """How `record` differs from what the checkpoint was trained with (nothing for checkpoints from before records)."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("record")
-    return record_differences(saved, record, stage) if saved is not None else []
 
 
 class TrainingRun:
