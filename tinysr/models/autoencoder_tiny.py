@@ -4,7 +4,7 @@ Every convolution can be depthwise-separable (3x3 depthwise without bias, 1x1 po
 is what makes the paper's VAE ~10x cheaper than SD3's; encoder and decoder choose independently.
 `padding_mode` is TAESD's zeros by default; "replicate" spares the outer rows and columns a frame of zeros.
 `upsample_mode` is TAESD's nearest by default; a decoder pushed to sharpen (LPIPS) steps diagonal edges on the latent
-grid it copies pixels from, which "bilinear" smooths (the demo's decoder probe, README).
+grid it copies pixels from, which "bilinear" smooths (the demo's decoder probe, docs/demo-weights.md).
 `encoder_type: patch` swaps the encoder for a PatchEncoder (a linear map of 2**num_stages-px patches plus a
 refiner at latent resolution; `encoder_separable` and `padding_mode` then apply to the decoder only): under
 the demo teacher's nearly linear patch latents it matches them to MSE 4e-6 (TAESD's encoder: 0.0019) and

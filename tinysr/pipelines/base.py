@@ -290,7 +290,7 @@ class OneStepSRPipeline:
 
         A small transformer's errors carry a per-image offset for each position inside its token, which an
         accurate decoder draws as a dot grid at the token period (the demo teacher: lattice 1.41 -> 1.21 on
-        the synthetic set, PSNR and ST-LPIPS unchanged; README). Only those p*p - 1 frequencies per channel change
+        the synthetic set, PSNR and ST-LPIPS unchanged; docs/demo-weights.md). Only those p*p - 1 frequencies per channel change
         (p the patch size); the mean is taken in fp32 whatever the model's precision.
         """
         if not self.remove_token_pattern:
