@@ -173,7 +173,7 @@ class TinyVAEConfig:
     blocks_per_stage: int = 3
     encoder_separable: bool = True
     decoder_separable: bool = True
-    padding_mode: str = "zeros"  # TAESD's and the paper's; "replicate" was tried on the demo, not adopted (docs/demo-weights.md)
+    padding_mode: str = "zeros"  # TAESD's and the paper's; the demo's decoder-tune switches to "replicate" (docs/demo-weights.md)
     encoder_type: str = "taesd"  # the paper's; `patch` (TinyAutoencoder's docstring) suits the demo's patch latents
     upsample_mode: str = "nearest"  # TAESD's and the paper's; "bilinear" kept a sharpened demo decoder's edges smooth (docs/demo-weights.md)
 
