@@ -196,6 +196,19 @@ def test_bench_smoke(tmp_path):
     assert "TSD-SR / TinySR" in r.stdout
 
 
+def test_bench_table_of_a_record_where_one_model_lacks_batch_sizes():
+    """The H200 compiled record is hand-assembled (the whole `bench --compile` outran the lease): TSD-SR has batch 1 only."""
+    from tinysr.bench import format_table
+
+    record = json.loads((Path(__file__).parents[1] / "assets" / "benchmarks" / "bench-paper-h200-compiled.json").read_text())
+    table = format_table(record)
+    assert "(assembled from three runs" in table.splitlines()[1]
+    batches = [line.split(":")[0].strip() for line in table.splitlines() if "images/s" in line]
+    assert batches == ["batch 1", "batch 8", "batch 16", "batch 32"]
+    row = next(line for line in table.splitlines() if line.startswith("  batch 32: images/s")).split()
+    assert row[-2] == "-" and float(row[-1]) > 0
+
+
 def test_compute_floor_takes_the_fastest_matmul_and_stages_the_median(monkeypatch):
     from tinysr import bench, device
 

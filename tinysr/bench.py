@@ -219,12 +219,14 @@ def device_label(r: dict) -> str:
 def format_table(r: dict) -> str:
     lines = [f"device: {device_label(r)}   input {r['input']} -> output {r['output']}   torch {r['torch']}   ({'loaded weights' if r['scale'] == 'loaded' else r['scale'] + ' size, random weights'})"
              + ("   compiled (--compile)" if r.get("compiled") else "")]
+    if r.get("note"):
+        lines.append(f"({r['note']})")
     names = list(r["models"])
     header = f"{'':34s}" + "".join(f"{n:>14s}" for n in names)
     lines += [header, "-" * len(header)]
 
     def row(label, values, fmt):
-        lines.append(f"{label:34s}" + "".join(f"{fmt(v):>14s}" for v in values))
+        lines.append(f"{label:34s}" + "".join(f"{'-' if v is None else fmt(v):>14s}" for v in values))
 
     models = [r["models"][n] for n in names]
     row("params transformer (M)", [m["params"]["transformer"] / 1e6 for m in models], lambda v: f"{v:.1f}")
@@ -253,9 +255,9 @@ def format_table(r: dict) -> str:
     )
     if "throughput" in models[0]:
         lines.append(f"throughput, whole {r['input']} -> {r['output']} images in batches ({models[0]['throughput_dtype']}; peak: {next(iter(models[0]['throughput'].values()))['memory']}):")
-        for b in models[0]["throughput"]:
-            row(f"  batch {b}: images/s", [m["throughput"][b]["images_per_s"] for m in models], lambda v: f"{v:.2f}")
-            row(f"  batch {b}: peak memory (GB)", [m["throughput"][b]["peak_gb"] for m in models], lambda v: f"{v:.2f}")
+        for b in sorted({b for m in models for b in m["throughput"]}, key=int):  # a hand-kept record may lack some sizes
+            row(f"  batch {b}: images/s", [m["throughput"].get(b, {}).get("images_per_s") for m in models], lambda v: f"{v:.2f}")
+            row(f"  batch {b}: peak memory (GB)", [m["throughput"].get(b, {}).get("peak_gb") for m in models], lambda v: f"{v:.2f}")
     for name, b in r.get("baselines", {}).items():
         lines.append(
             f"{name}: params {b['params'] / 1e6:.1f} M, MACs {b['macs'] / 1e9:.1f} G, "
