@@ -253,11 +253,13 @@ def format_table(r: dict) -> str:
         f"MACs {ratios['macs_total']:.2f}x (VAE {ratios['vae_macs']:.1f}x), "
         + ", ".join(f"latency {k[8:]} {v:.2f}x" for k, v in ratios.items() if k.startswith("latency_"))
     )
-    if "throughput" in models[0]:
-        lines.append(f"throughput, whole {r['input']} -> {r['output']} images in batches ({models[0]['throughput_dtype']}; peak: {next(iter(models[0]['throughput'].values()))['memory']}):")
-        for b in sorted({b for m in models for b in m["throughput"]}, key=int):  # a hand-kept record may lack some sizes
-            row(f"  batch {b}: images/s", [m["throughput"].get(b, {}).get("images_per_s") for m in models], lambda v: f"{v:.2f}")
-            row(f"  batch {b}: peak memory (GB)", [m["throughput"].get(b, {}).get("peak_gb") for m in models], lambda v: f"{v:.2f}")
+    runs = [m.get("throughput", {}) for m in models]  # a hand-kept record may lack some sizes, or a model's
+    if any(runs):
+        first = next(m for m in models if m.get("throughput"))
+        lines.append(f"throughput, whole {r['input']} -> {r['output']} images in batches ({first['throughput_dtype']}; peak: {next(iter(first['throughput'].values()))['memory']}):")
+        for b in sorted({b for run in runs for b in run}, key=int):
+            row(f"  batch {b}: images/s", [run.get(b, {}).get("images_per_s") for run in runs], lambda v: f"{v:.2f}")
+            row(f"  batch {b}: peak memory (GB)", [run.get(b, {}).get("peak_gb") for run in runs], lambda v: f"{v:.2f}")
     for name, b in r.get("baselines", {}).items():
         lines.append(
             f"{name}: params {b['params'] / 1e6:.1f} M, MACs {b['macs'] / 1e9:.1f} G, "
